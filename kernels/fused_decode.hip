@@ -194,6 +194,71 @@ RF_KERNEL void fd_quantize(const rf_u8* __restrict__ arena, const float* __restr
                        red, nullptr);
 }
 
+// ---- a block's own copy of the normalized residual --------------------------------------------
+// The consumers of the residual stream (fd_qkv, fd_gate_up, fd_output) do not wait for a producer's
+// "last block" to normalize and quantize it: every block reads the residual (d_model floats, from
+// L2), computes RMSNorm * w itself and quantizes it into shared memory (FdXs). That costs each block
+// one L2 round trip and a block reduction, overlapped with its weight prefetches, and removes a
+// grid-wide atomic, a fence and a serial phase from every o-projection / down-projection launch.
+#define FD_XS_MAX 8192  // the largest d_model the staged kernels take (DecodePlan.check)
+#define FD_XS_REG 8     // 32-value blocks per warp kept in registers between the two passes
+struct alignas(16) FdXs {
+    int h[FD_XS_MAX / 4];
+    int l[FD_XS_MAX / 4];
+    float s[FD_XS_MAX / 32];
+    float sum[FD_XS_MAX / 16];
+};
+
+// xs = quantized RMSNorm(src) * w (n <= FD_XS_MAX, n % 32 == 0); the whole block calls; ends with a
+// barrier, so the block may read xs at once. Arithmetic as fd_block_quant (and norm.hip).
+RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, FdXs* xs,
+                         float* red) {
+    const int per_warp = WARP_SIZE / 32;  // 32-blocks per warp pass
+    const int step = (int)(blockDim.x / WARP_SIZE) * per_warp;
+    const int nb = n / 32;
+    const int b_first = rf_warp() * per_warp;  // warp-uniform
+    const int sub = rf_lane() / 32, l32 = rf_lane() & 31;
+    float v[FD_XS_REG], wv[FD_XS_REG];
+#pragma unroll
+    for (int k = 0; k < FD_XS_REG; ++k) {  // independent loads first
+        const int b = b_first + k * step + sub;
+        const bool ok = b < nb;
+        v[k] = ok ? src[32 * b + l32] : 0.0f;
+        wv[k] = ok ? w[32 * b + l32] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < FD_XS_REG; ++k) ss += v[k] * v[k];
+    for (int b0 = b_first + FD_XS_REG * step; b0 < nb; b0 += step) {
+        const int b = b0 + sub;
+        const float t = b < nb ? src[32 * b + l32] : 0.0f;
+        ss += t * t;
+    }
+    ss = rf_block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma unroll
+    for (int k = 0; k < FD_XS_REG; ++k) {
+        const int b0 = b_first + k * step;
+        if (b0 < nb) {  // warp-uniform
+            const int b = b0 + sub;
+            fd_quant32(v[k] * inv * wv[k], b, b < nb, xs->h, xs->l, xs->s, xs->sum);
+        }
+    }
+    for (int b0 = b_first + FD_XS_REG * step; b0 < nb; b0 += step) {  // warp-uniform
+        const int b = b0 + sub;
+        const bool ok = b < nb;
+        const int c = 32 * b + l32;
+        fd_quant32(ok ? src[c] * inv * w[c] : 0.0f, b, ok, xs->h, xs->l, xs->s, xs->sum);
+    }
+    __syncthreads();
+    FdX X;
+    X.h = xs->h;
+    X.l = xs->l;
+    X.s = xs->s;
+    X.sum16 = xs->sum;
+    return X;
+}
+
 // ---- per-type unit decoders ---------------------------------------------------------------
 // QK values per block, BS bytes per block, UPB units per block; a unit's values are NR runs of
 // RL consecutive values at block offsets run_off(u, r). dot(block, u, h, l, s, sum) returns
@@ -624,16 +689,11 @@ RF_DEV void fd_embed_row(int t, const rf_u8* row, int d, float* dst) {
     }
 }
 
-// resid = embedding row state.token, and its RMSNorm-ed (norm_off) quantized copy for the first
-// layer (before the first step of a decode call); one block
+// resid = embedding row state.token (before the first step of a decode call); one block
 RF_KERNEL void fd_embed(const rf_u8* __restrict__ arena, const int* __restrict__ state, int emb_t, rf_i64 emb_off,
-                        rf_i64 emb_rb, int d, float* resid, rf_i64 norm_off, float eps, int* xh, int* xl, float* xs,
-                        float* xsum) {
-    __shared__ float red[32];
+                        rf_i64 emb_rb, int d, float* resid) {
     if (blockIdx.x != 0) return;
     fd_embed_row(emb_t, arena + emb_off + (rf_i64)state[FD_ST_TOK] * emb_rb, d, resid);
-    __syncthreads();
-    fd_block_quant(resid, false, (const float*)(arena + norm_off), d, eps, xh, xl, xs, xsum, red, nullptr);
 }
 
 // ---- fd_qkv -----------------------------------------------------------------------------------
@@ -642,17 +702,14 @@ RF_KERNEL void fd_embed(const rf_u8* __restrict__ arena, const int* __restrict__
 // unrotated rows n_rot + 2(i - n_rot/2) and +1). rope_cs[(pos * n_rot/2 + i) * 2 + {0,1}] =
 // float(cos / sin(pos * base^(-2i/n_rot))) computed in float64 on the host.
 template <class C, bool ANY>
-RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, const int* xh,
-                        const int* xl, const float* xs, const float* xsum, int d, int tq, rf_i64 offq,
+RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
+                        const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, int tq, rf_i64 offq,
                         rf_i64 rbq, int tk, rf_i64 offk, rf_i64 rbk, int tv, rf_i64 offv, rf_i64 rbv, rf_i64 bq_off,
                         rf_i64 bk_off, rf_i64 bv_off, int n_head, int n_kv, int hd, int n_rot, int neox,
                         const float* __restrict__ rope_cs, C* __restrict__ kc, C* __restrict__ vc, int layer,
                         int n_ctx, float* __restrict__ q_out, int lpr) {
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
+    __shared__ FdXs xsh;
+    __shared__ float red[32];
     const int half = hd / 2, half_rot = n_rot / 2;
     const int nq = n_head * half, nk = n_kv * half;
     const int n_tasks = nq + 2 * nk;
@@ -684,6 +741,7 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
     }
     if (state[FD_ST_DONE]) return;
     const int pos = state[FD_ST_POS];
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform
         const int task = base + g;
         const bool valid = task < n_tasks;
@@ -729,13 +787,12 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
 }
 
 #define FD_QKV_ARGS                                                                                     \
-    const rf_u8 *arena, const int *state, const int *xh, const int *xl, const float *xs, const float *xsum, \
-        int d, int tq,                                                                                    \
+    const rf_u8 *arena, const int *state, const float *resid, rf_i64 norm_off, float eps, int d, int tq,  \
         rf_i64 offq, rf_i64 rbq, int tk, rf_i64 offk, rf_i64 rbk, int tv, rf_i64 offv, rf_i64 rbv,        \
         rf_i64 bq_off, rf_i64 bk_off, rf_i64 bv_off, int n_head, int n_kv, int hd, int n_rot, int neox,   \
         const float *rope_cs
 #define FD_QKV_PASS                                                                                         \
-    arena, state, xh, xl, xs, xsum, d, tq, offq, rbq, tk, offk, rbk, tv, offv, rbv, bq_off, bk_off, bv_off, \
+    arena, state, resid, norm_off, eps, d, tq, offq, rbq, tk, offk, rbk, tv, offv, rbv, bq_off, bk_off, bv_off, \
         n_head, n_kv, hd, n_rot, neox, rope_cs
 
 #define FD_QKV_KERNEL(name, C, ANY)                                                                 \
@@ -1112,16 +1169,22 @@ FD_ATTN_KERNEL(f32, float, 128)
 
 // ---- fd_matvec --------------------------------------------------------------------------------
 // y[r] = (accumulate ? y[r] : 0) + (bias ? bias[r] : 0) + W[r, :] . x   (tasks: rows r, r+1 or r; x the
-// quantized vector xh/xl/xs/xsum). With tail_norm_off >= 0, the last block (atomic counter) then
-// quantizes RMSNorm(y) * w_tail into oh/ol/os/osum (the next kernel's input). state may be null.
+// quantized vector xh/xl/xs/xsum). `ks` groups of `lpr` lanes share one task (split-K inside the
+// block: group k takes units k*lpr + gl, step ks*lpr; the ks partial sums meet in shared memory):
+// more lanes per long row (the 7B's down projection: 592 units per row) without a second pass.
+// With tail_norm_off >= 0, the last block (atomic counter) then quantizes RMSNorm(y) * w_tail into
+// oh/ol/os/osum (tools and tests; the decode plan normalizes in the consumers instead, fd_stage_norm).
+// state may be null.
+#define FD_KS_MAX 8
 template <bool ANY>
 RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
-                         rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
-                         const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
-                         rf_i64 tail_norm_off, float eps, int* oh, int* ol, float* os, float* osum, int pair, int lpr) {
+                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
+                           const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
+                           rf_i64 tail_norm_off, float eps, int* oh, int* ol, float* os, float* osum, int pair, int lpr,
+                           int ks) {
     __shared__ float red[32];
     __shared__ int s_last;
-    __shared__ float tail_x[FD_TAIL_MAX];
+    __shared__ float kred[2][1024 / 8];  // split-K partials: [row a / b][group]
     FdX X;
     X.h = xh;
     X.l = xl;
@@ -1130,25 +1193,27 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     // pair: tasks of rows (r, r+1) sharing the x loads; else one row per task (half the work per
     // lane: lower latency for small matrices)
     const int n_tasks = pair ? (rows + 1) / 2 : rows;
-    const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
+    const int ngr = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
+    const int gpb = ngr / ks, kp = g % ks, slot = g / ks;  // tasks per block, this group's K part
+    const int gle = kp * lpr + gl, lpe = ks * lpr;         // lane index / lanes of the whole task
     const int stride = gridDim.x * gpb;
     {
-        const int task = blockIdx.x * gpb + g;
-        if (task < n_tasks) {
+        const int task = blockIdx.x * gpb + slot;
+        if (task < n_tasks && slot < gpb) {
             const int ra = pair ? 2 * task : task;
             fd_prefetch_rows(t, arena + off + (rf_i64)ra * rb,
-                             pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, cols, gl);
+                             pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, cols, gle);
         }
     }
     if (state != nullptr && state[FD_ST_DONE]) return;
     const float* bias = bias_off >= 0 ? (const float*)(arena + bias_off) : nullptr;
-    for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform
-        const int task = base + g;
-        const bool valid = task < n_tasks;
+    for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // block-uniform
+        const int task = base + slot;
+        const bool valid = task < n_tasks && slot < gpb;
         const int ra = pair ? 2 * task : task, rbw = ra + 1;
         const bool has_b = pair && rbw < rows;
         float ya = 0.0f, yb = 0.0f;
-        if (valid && gl == 0) {  // epilogue operands first
+        if (valid && gl == 0 && kp == 0) {  // epilogue operands first
             if (accumulate) {
                 ya = y[ra];
                 if (has_b) yb = y[rbw];
@@ -1162,19 +1227,32 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
         if (valid) {
             if (pair)
                 fd_dot_pair<ANY>(t, arena + off + (rf_i64)ra * rb, arena + off + (rf_i64)(has_b ? rbw : ra) * rb, X,
-                                 cols, gl, lpr, &va, &vb);
+                                 cols, gle, lpe, &va, &vb);
             else
-                va = fd_dot_one<ANY>(t, arena + off + (rf_i64)ra * rb, X, cols, gl, lpr);
+                va = fd_dot_one<ANY>(t, arena + off + (rf_i64)ra * rb, X, cols, gle, lpe);
         }
         va = rf_group_sum(va, lpr);
         vb = rf_group_sum(vb, lpr);
-        if (valid && gl == 0) {
+        if (ks > 1) {  // block-uniform
+            if (gl == 0) {
+                kred[0][g] = va;
+                kred[1][g] = vb;
+            }
+            __syncthreads();
+            if (gl == 0 && kp == 0) {
+                for (int k = 1; k < ks; ++k) {
+                    va += kred[0][g + k];
+                    vb += kred[1][g + k];
+                }
+            }
+            __syncthreads();  // kred is reused by the next task
+        }
+        if (valid && gl == 0 && kp == 0) {
             y[ra] = ya + va;
             if (has_b) y[rbw] = yb + vb;
         }
     }
     if (tail_norm_off < 0) return;
-    if (32 * (int)threadIdx.x < rows) fd_prefetch(arena + tail_norm_off + 128 * (rf_i64)threadIdx.x);  // tail weights
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -1184,18 +1262,18 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    fd_block_quant(y, true, (const float*)(arena + tail_norm_off), rows, eps, oh, ol, os, osum, red,
-                   rows <= FD_TAIL_MAX ? tail_x : nullptr);
+    fd_block_quant(y, true, (const float*)(arena + tail_norm_off), rows, eps, oh, ol, os, osum, red, nullptr);
     if (threadIdx.x == 0) *counter = 0;
 }
 
 #define FD_MATVEC_ARGS                                                                                    \
     const rf_u8 *arena, const int *state, int t, rf_i64 off, rf_i64 rb, int rows, int cols, const int *xh,   \
         const int *xl, const float *xs, const float *xsum, rf_i64 bias_off, float *y, int accumulate,        \
-        int *counter, rf_i64 tail_norm_off, float eps, int *oh, int *ol, float *os, float *osum, int pair, int lpr
+        int *counter, rf_i64 tail_norm_off, float eps, int *oh, int *ol, float *os, float *osum, int pair,   \
+        int lpr, int ks
 #define FD_MATVEC_PASS                                                                                    \
     arena, state, t, off, rb, rows, cols, xh, xl, xs, xsum, bias_off, y, accumulate, counter, tail_norm_off, \
-        eps, oh, ol, os, osum, pair, lpr
+        eps, oh, ol, os, osum, pair, lpr, ks
 RF_KERNEL void fd_matvec(FD_MATVEC_ARGS) { fd_matvec_impl<false>(FD_MATVEC_PASS); }
 RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true>(FD_MATVEC_PASS); }
 
@@ -1203,16 +1281,13 @@ RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true>(FD_MATVEC_PA
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x
 // (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input).
 template <bool ANY>
-RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, const int* xh,
-                          const int* xl, const float* xs, const float* xsum, int d, int tg, rf_i64 offg, rf_i64 rbg,
-                          int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float* __restrict__ act, int* oh, int* ol,
-                          float* os, float* osum, int lpr) {
+RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
+                            const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, int tg, rf_i64 offg,
+                            rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float* __restrict__ act, int* oh,
+                            int* ol, float* os, float* osum, int lpr) {
     __shared__ float a32[32];
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
+    __shared__ FdXs xsh;
+    __shared__ float red[32];
     const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
     const int r0 = 32 * blockIdx.x;
     if (g < 32) {
@@ -1220,6 +1295,7 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         fd_prefetch_rows(tu, arena + offu + (rf_i64)(r0 + g) * rbu, nullptr, d, gl);
     }
     if (state[FD_ST_DONE]) return;
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     for (int k = g; k < 32; k += gpb) {  // 32 % gpb == 0: warp-uniform
         const rf_u8* rg = arena + offg + (rf_i64)(r0 + k) * rbg;
         const rf_u8* ru = arena + offu + (rf_i64)(r0 + k) * rbu;
@@ -1244,10 +1320,11 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
 }
 
 #define FD_GATE_UP_ARGS                                                                                   \
-    const rf_u8 *arena, const int *state, const int *xh, const int *xl, const float *xs, const float *xsum,  \
-        int d, int tg, rf_i64 offg, rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float *act,       \
-        int *oh, int *ol, float *os, float *osum, int lpr
-#define FD_GATE_UP_PASS arena, state, xh, xl, xs, xsum, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr
+    const rf_u8 *arena, const int *state, const float *resid, rf_i64 norm_off, float eps, int d, int tg,     \
+        rf_i64 offg, rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float *act, int *oh, int *ol,    \
+        float *os, float *osum, int lpr
+#define FD_GATE_UP_PASS \
+    arena, state, resid, norm_off, eps, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr
 RF_KERNEL void fd_gate_up(FD_GATE_UP_ARGS) { fd_gate_up_impl<false>(FD_GATE_UP_PASS); }
 RF_KERNEL void fd_gate_up_any(FD_GATE_UP_ARGS) { fd_gate_up_impl<true>(FD_GATE_UP_PASS); }
 
@@ -1279,25 +1356,21 @@ RF_DEV void fd_block_argmax(float& v, int& i, float* sv, int* si) {
     }
 }
 
-// logits[r] = W_out[r] . x (x = the quantized RMSNorm-ed residual); argmax over r -> the next
-// token: tokens_out[pos] = token, state.token = token, state.done = token in stop_ids,
-// state.pos = pos + 1; resid = embedding row `token` and x = its quantized RMSNorm (norm0: the first
-// layer's attn_norm) - the next step's input.
+// logits[r] = W_out[r] . x (x = RMSNorm(resid) * output_norm, staged per block); argmax over r -> the
+// next token: tokens_out[pos] = token, state.token = token, state.done = token in stop_ids,
+// state.pos = pos + 1; resid = embedding row `token` (the next step's input; the first layer's qkv
+// blocks normalize it). Block partials of the argmax go to part_v / part_i; the last block (atomic
+// counter) reduces them.
 template <bool ANY>
-RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, int* xh, int* xl, float* xs, float* xsum, int d,
-                         int t, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
-                         int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
-                         rf_i64 emb_off, rf_i64 emb_rb, float* resid, rf_i64 norm0_off, float eps, int lpr) {
+RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
+                           int d, int t, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
+                           int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
+                           rf_i64 emb_off, rf_i64 emb_rb, int lpr) {
     __shared__ float red[32];
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ int s_last, s_tok;
-    __shared__ float tail_x[FD_TAIL_MAX];
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
+    __shared__ FdXs xsh;
     const int n_tasks = (vocab + 1) / 2;
     const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
     const int stride = gridDim.x * gpb;
@@ -1308,6 +1381,7 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, int* xh,
                              2 * task + 1 < vocab ? arena + off + (rf_i64)(2 * task + 1) * rb : nullptr, d, gl);
     }
     if (state[FD_ST_DONE]) return;
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     float best = -RF_INF;
     int besti = 0x7fffffff;
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform
@@ -1361,18 +1435,14 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, int* xh,
     }
     __syncthreads();
     fd_embed_row(emb_t, arena + emb_off + (rf_i64)s_tok * emb_rb, d, resid);
-    __syncthreads();
-    fd_block_quant(resid, false, (const float*)(arena + norm0_off), d, eps, xh, xl, xs, xsum, red,
-                   d <= FD_TAIL_MAX ? tail_x : nullptr);
 }
 
 #define FD_OUTPUT_ARGS                                                                                    \
-    const rf_u8 *arena, int *state, int *xh, int *xl, float *xs, float *xsum, int d, int t, rf_i64 off,      \
+    const rf_u8 *arena, int *state, float *resid, rf_i64 norm_off, float eps, int d, int t, rf_i64 off,      \
         rf_i64 rb, int vocab, float *logits, float *part_v, int *part_i, int *counter, int *tokens_out,      \
-        const int *stop_ids, int n_stop, int emb_t, rf_i64 emb_off, rf_i64 emb_rb, float *resid,            \
-        rf_i64 norm0_off, float eps, int lpr
+        const int *stop_ids, int n_stop, int emb_t, rf_i64 emb_off, rf_i64 emb_rb, int lpr
 #define FD_OUTPUT_PASS                                                                                    \
-    arena, state, xh, xl, xs, xsum, d, t, off, rb, vocab, logits, part_v, part_i, counter, tokens_out,       \
-        stop_ids, n_stop, emb_t, emb_off, emb_rb, resid, norm0_off, eps, lpr
+    arena, state, resid, norm_off, eps, d, t, off, rb, vocab, logits, part_v, part_i, counter, tokens_out,   \
+        stop_ids, n_stop, emb_t, emb_off, emb_rb, lpr
 RF_KERNEL void fd_output(FD_OUTPUT_ARGS) { fd_output_impl<false>(FD_OUTPUT_PASS); }
 RF_KERNEL void fd_output_any(FD_OUTPUT_ARGS) { fd_output_impl<true>(FD_OUTPUT_PASS); }

@@ -52,6 +52,7 @@ ATT_CHUNK = 64          # keys per attention block
 ATT_HEAD_DIMS = (32, 64, 128)
 ATT_MAXG = 32
 ATT_QMAX = 4096
+XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
 # variants, which also handle F32 / F16 / BF16 / Q2_K / Q3_K / MXFP4 (float decoders)
@@ -148,6 +149,8 @@ class DecodePlan:
         for what, n in (("d_model", d), ("d_ff", cfg.d_ff), ("n_head * head_dim", cfg.n_head * hd)):
             if n % 32:
                 raise FastPathUnsupported(f"{what} {n} (need a multiple of 32)")
+        if d > XS_MAX:
+            raise FastPathUnsupported(f"d_model {d} (the fused kernels stage at most {XS_MAX} values per block)")
         G = cfg.n_head // cfg.n_head_kv
         if G > ATT_MAXG or G * hd > ATT_QMAX or hd not in ATT_HEAD_DIMS:
             raise FastPathUnsupported(f"GQA group {G} x head_dim {hd} is not supported by the decode attention kernel "
@@ -167,15 +170,15 @@ class DecodePlan:
         except KeyError:
             raise FastPathUnsupported(f"tensor '{name}' missing from the weight table") from None
 
-    def _shape(self, n_tasks: int, lpr: int) -> tuple[tuple[int], tuple[int]]:
+    def _shape(self, n_tasks: int, lpr: int, min_threads: int = 0) -> tuple[tuple[int], tuple[int]]:
         """(grid, block) for n_tasks row tasks of lpr lanes: 256 threads (tune: "small_threads" when
         that leaves fewer blocks than multiprocessors), at most 8 blocks per multiprocessor
         (grid-stride beyond). Measured on an H200: 256 threads beat 128 and 64 for every model."""
         cap = self.tune.get("blocks_per_sm", 8) * self.n_sm
-        threads = self.tune.get("threads", 256)
+        threads = max(self.tune.get("threads", 256), min_threads)
         blocks = -(-n_tasks // (threads // lpr))
         if blocks < self.n_sm:
-            threads = max(self.tune.get("small_threads", 256), lpr, self.warp_size)
+            threads = max(self.tune.get("small_threads", 256), lpr, self.warp_size, min_threads)
             blocks = -(-n_tasks // (threads // lpr))
         return (max(1, min(blocks, cap)),), (threads,)
 
@@ -211,11 +214,10 @@ class DecodePlan:
             "tokens": (i32, self.n_ctx),
             "stop": (i32, MAX_STOP),
             "rope": (f32, self.n_ctx * (cfg.rope_dim // 2) * 2),
-            "mv_cnt": (i32, 1),
         }
-        # quantized activation vectors (kernels/fused_decode.hip FdX): xn = RMSNorm-ed residual,
-        # xa = attention output, xf = SwiGLU output
-        for x, n in (("xn", d), ("xa", nh * hd), ("xf", ff)):
+        # quantized activation vectors (kernels/fused_decode.hip FdX): xa = attention output,
+        # xf = SwiGLU output (the normalized residual is staged by each consumer block itself)
+        for x, n in (("xa", nh * hd), ("xf", ff)):
             self.buffers.update({f"{x}_h": (i32, n // 4), f"{x}_l": (i32, n // 4), f"{x}_s": (f32, n // 32),
                                  f"{x}_sum": (f32, n // 16)})
         # cos / sin of pos * base^(-2i / n_rot) in float64, rounded to f32 (as rope.hip computes them)
@@ -253,7 +255,7 @@ class DecodePlan:
             grid, block = self._shape(n_tasks, lpr)
             L.append(Launch(
                 f"fd_qkv_{c}{any_(wq, wk, wv)}", grid, block,
-                (Buf("arena"), Buf("state"), *X("xn"), _i32(d),
+                (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "attn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wq.qtype]), _i64(wq.offset), _i64(wq.row_bytes),
                  _i32(QTYPE_ID[wk.qtype]), _i64(wk.offset), _i64(wk.row_bytes),
                  _i32(QTYPE_ID[wv.qtype]), _i64(wv.offset), _i64(wv.row_bytes),
@@ -267,7 +269,7 @@ class DecodePlan:
                  Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale)),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
-            L.append(self._matvec(wo, "xa", norm(p + "ffn_norm.weight"), p + "o_proj", "o_proj"))
+            L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj"))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
             lpr = self._lpr(d)
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
@@ -276,47 +278,66 @@ class DecodePlan:
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
             L.append(Launch(
                 f"fd_gate_up{any_(wg, wu)}", (ff // 32,), (max(gthreads, 64),),
-                (Buf("arena"), Buf("state"), *X("xn"), _i32(d), _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
+                (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
+                 _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
                  Buf("act"), *X("xf"), _i32(lpr)),
                 p + "gate_up", "gate_up", wg.nbytes + wu.nbytes))
             wd = self._w(p + "ffn_down.weight")
-            nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layer else "output_norm.weight"
-            L.append(self._matvec(wd, "xf", norm(nxt), p + "down", "down"))
+            L.append(self._matvec(wd, "xf", p + "down", "down"))
         wout = self._w("token_embd.weight" if cfg.tied_output else "output.weight")
         lpr = self._lpr(d)
         grid, block = self._shape(-(-V // 2), lpr)
         L.append(Launch(
             f"fd_output{any_(wout)}", grid, block,
-            (Buf("arena"), Buf("state"), *X("xn"), _i32(d), _i32(QTYPE_ID[wout.qtype]), _i64(wout.offset),
-             _i64(wout.row_bytes), _i32(V), Buf("logits"), Buf("out_v"), Buf("out_i"), Buf("out_cnt"), Buf("tokens"),
-             Buf("stop"), _i32(MAX_STOP), _i32(QTYPE_ID[emb.qtype]), _i64(emb.offset), _i64(emb.row_bytes),
-             Buf("resid"), norm("blk.0.attn_norm.weight"), eps, _i32(lpr)),
+            (Buf("arena"), Buf("state"), Buf("resid"), norm("output_norm.weight"), eps, _i32(d),
+             _i32(QTYPE_ID[wout.qtype]), _i64(wout.offset), _i64(wout.row_bytes), _i32(V), Buf("logits"), Buf("out_v"),
+             Buf("out_i"), Buf("out_cnt"), Buf("tokens"), Buf("stop"), _i32(MAX_STOP), _i32(QTYPE_ID[emb.qtype]),
+             _i64(emb.offset), _i64(emb.row_bytes), _i32(lpr)),
             "output", "output", wout.nbytes))
         self.launches = L
         self.start_launches = [Launch(
             "fd_embed", (1,), (256,),
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[emb.qtype]), _i64(emb.offset), _i64(emb.row_bytes), _i32(d),
-             Buf("resid"), norm("blk.0.attn_norm.weight"), eps, *X("xn")),
+             Buf("resid")),
             "embed", "embed", 0)]
 
-    def _matvec(self, w: WeightRef, x: str, tail_norm, label: str, kind: str) -> Launch:
-        """resid += W x, then the last block writes xn = quantized RMSNorm(resid) * tail_norm.
+    def _matvec(self, w: WeightRef, x: str, label: str, kind: str) -> Launch:
+        """resid += W x (o / down projections; the consumers normalize resid themselves).
 
         Row pairs share their x loads; a matrix too small to fill the device with pair tasks
-        (o/down projections of small models, the 7B's too) takes one row per task instead."""
+        (o/down projections of small models, the 7B's too) takes one row per task instead. Long
+        rows are split inside the block (`ks` groups of 32 lanes per task, see `ks_for`)."""
         lpr = self._lpr(w.cols)
         pair = self.tune.get("pair")
         if pair is None:  # H200: pairs win for the 7B's 3584x3584 / 3584x18944, single rows below
             pair = w.rows * w.cols >= (8 << 20)
-        grid, block = self._shape(-(-w.rows // 2) if pair else w.rows, lpr)
+        n_tasks = -(-w.rows // 2) if pair else w.rows
+        ks = self.ks_for(n_tasks, lpr, w.cols)
+        grid, block = self._shape(n_tasks * ks, lpr, lpr * ks)
         return Launch(
             "fd_matvec" + ("" if w.qtype in FAST_TYPES else "_any"), grid, block,
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
              _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), _i64(-1),
-             Buf("resid"), _i32(1), Buf("mv_cnt"), tail_norm, _f32(self.cfg.rms_eps), Buf("xn_h"), Buf("xn_l"),
-             Buf("xn_s"), Buf("xn_sum"), _i32(bool(pair)), _i32(lpr)),
+             Buf("resid"), _i32(1), None, _i64(-1), _f32(self.cfg.rms_eps), None, None, None, None,
+             _i32(bool(pair)), _i32(lpr), _i32(ks)),
             label, kind, w.nbytes)
+
+    def ks_for(self, n_tasks: int, lpr: int, cols: int) -> int:
+        """Lane groups per matvec task: the smallest power of two that leaves each lane at most
+        `ks_units` (tune, default 4) units of its row(s), without more blocks than the grid cap; only
+        with whole-warp groups (lpr = 32). tune "ks" forces a value."""
+        if "ks" in self.tune:
+            return int(self.tune["ks"])
+        if lpr < 32:
+            return 1
+        units = cols // 32
+        per_block = self.tune.get("threads", 256) // lpr
+        ks = 1
+        while (ks < 8 and units > self.tune.get("ks_units", 4) * lpr * ks
+               and -(-n_tasks * 2 * ks // per_block) <= self.out_blocks_max):
+            ks *= 2
+        return ks
 
     @property
     def weight_bytes(self) -> int:

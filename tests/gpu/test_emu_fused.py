@@ -82,19 +82,21 @@ def test_emu_fused_matvec(qtype):
     base = rng.standard_normal(rows).astype(np.float32)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
-    cases = [(32, 8, 0, kernels[-1]), (32, 16, 1, kernels[0]), (32, 32, 1, kernels[-1])]
+    # (warp size, lanes per group, accumulate, kernel, groups per task: split-K inside the block)
+    cases = [(32, 8, 0, kernels[-1], 1), (32, 16, 1, kernels[0], 1), (32, 32, 1, kernels[-1], 1),
+             (32, 32, 1, kernels[0], 2), (32, 8, 1, kernels[-1], 4)]
     if os.environ.get("RF_EMU_FULL") or qtype in ("Q4_K", "Q6_K", "Q4_1"):
-        cases.append((64, 32, 1, kernels[0]))
-    for ws, lpr, acc, kern in cases:
+        cases += [(64, 32, 1, kernels[0], 1), (64, 32, 0, kernels[0], 4)]
+    for ws, lpr, acc, kern, ks in cases:
         X = _quantize(mod(ws), x)
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
-        threads = 64 if ws == 32 else 128
+        threads = max(64 if ws == 32 else 128, lpr * ks)
         grid = 2  # grid-stride: fewer blocks than tasks
         mod(ws).launch(kern, (grid,), (threads,), arena, None, QTYPE_ID[qtype], w_off, rb, rows, cols, *X, b_off, y, acc,
-                       None, -1, 0.0, None, None, None, None, int(lpr != 16), lpr)
+                       None, -1, 0.0, None, None, None, None, int(lpr != 16), lpr, ks)
         want = ref @ x + bias + (base if acc else 0.0)
         err = np.abs(y - want)
-        assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, float(err.max()), float(tol.min()))
+        assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, ks, float(err.max()), float(tol.min()))
 
 
 def test_emu_fused_matvec_tail():
@@ -113,7 +115,7 @@ def test_emu_fused_matvec_tail():
     cnt = np.zeros(1, np.int32)
     y0 = y.copy()
     mod().launch("fd_matvec", (5,), (64,), arena, None, QTYPE_ID["Q4_K"], w_off, R.row_bytes("Q4_K", cols), rows, cols, *X,
-                 -1, y, 1, cnt, n_off, 1e-6, *out, 0, 8)
+                 -1, y, 1, cnt, n_off, 1e-6, *out, 0, 8, 1)
     assert cnt[0] == 0
     want_y = y0 + ref @ x
     assert np.allclose(y, want_y, rtol=1e-4, atol=1e-4 * np.abs(want_y).max())
@@ -131,14 +133,13 @@ def test_emu_fused_gate_up(qpair):
     wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
     nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
     arena, (og, ou, on) = R.pack_arena(rg, ru, nw.view(np.uint8))
-    x = rng.standard_normal(d).astype(np.float32)
-    X = _quantize(mod(), x, arena, on, 1e-5)
+    x = rng.standard_normal(d).astype(np.float32)  # the residual: every block normalizes it itself
     state = np.array([5, 0, 0, 0], np.int32)
     act = np.full(ff, np.nan, np.float32)
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
     kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
-    mod().launch(kern, (ff // 32,), (64,), arena, state, *X, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
+    mod().launch(kern, (ff // 32,), (64,), arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
                  R.row_bytes(tu, d), ff, act, *out, 8)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
@@ -152,7 +153,7 @@ def test_emu_fused_gate_up(qpair):
     # done flag set: the kernel writes nothing
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod().launch(kern, (ff // 32,), (64,), arena, state, *X, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
+    mod().launch(kern, (ff // 32,), (64,), arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
                  R.row_bytes(tu, d), ff, act2, *out, 8)
     assert np.all(act2 == 7.0)
 

@@ -96,16 +96,18 @@ def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(x)
     kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
-    for lpr, acc, threads, grid, kern in ((8, 0, 64, 1, kernels[-1]), (16, 1, 128, 3, kernels[0]),
-                                          (32, 1, 256, 1000, kernels[0])):
+    # (lanes per group, accumulate, threads, grid, kernel, groups per task: split-K inside the block)
+    for lpr, acc, threads, grid, kern, ks in ((8, 0, 64, 1, kernels[-1], 1), (16, 1, 128, 3, kernels[0], 1),
+                                              (32, 1, 256, 1000, kernels[0], 1), (32, 1, 256, 7, kernels[0], 4),
+                                              (32, 0, 256, 1000, kernels[-1], 8), (8, 1, 64, 2, kernels[0], 2)):
         lpr = min(lpr, backend.warp_size)
         y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
         _fn(kern)((grid,), (threads,), (arena, None, _i32(QID[qtype]), _i64(w_off), _i64(R.row_bytes(qtype, cols)),
                                         _i32(rows), _i32(cols), *X, _i64(b_off), y, _i32(acc), None, _i64(-1),
-                                        np.float32(0), None, None, None, None, _i32(lpr != 16), _i32(lpr)))
+                                        np.float32(0), None, None, None, None, _i32(lpr != 16), _i32(lpr), _i32(ks)))
         want = ref @ x + bias + (base if acc else 0.0)
         err = np.abs(cupy.asnumpy(y) - want)
-        assert np.all(err <= tol), (qtype, lpr, acc, float(err.max()))
+        assert np.all(err <= tol), (qtype, lpr, acc, ks, float(err.max()))
 
 
 def test_fused_gate_up_vs_numpy(backend):
@@ -119,13 +121,13 @@ def test_fused_gate_up_vs_numpy(backend):
         wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
         nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
         arena, (og, ou, on) = _arena(rg, ru, nw.view(np.uint8))
-        x = rng.standard_normal(d).astype(np.float32)
-        X = _quantize(x, arena, on, 1e-6)
+        x = rng.standard_normal(d).astype(np.float32)  # the residual: each block normalizes it itself
         state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
         act = cupy.full(ff, np.nan, np.float32)
         out = _xbufs(ff)
         kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
-        _fn(kern)((ff // 32,), (256,), (arena, state, *X, _i32(d), _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
+        _fn(kern)((ff // 32,), (256,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d), _i32(QID[tg]),
+                                        _i64(og), _i64(R.row_bytes(tg, d)),
                                         _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
                                         _i32(min(32, backend.warp_size))))
         n = R.rms_norm_ref(x, nw, 1e-6)
@@ -171,9 +173,8 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     inv = 10000.0 ** (-2.0 * np.arange(hd // 2) / hd)
     th = np.arange(n_ctx)[:, None] * inv[None, :]
     rope = cupy.asarray(np.stack([np.cos(th), np.sin(th)], -1).astype(np.float32).reshape(-1))
-    X = _quantize(x, arena, offs[6], 1e-5)
-    _fn(f"fd_qkv_{kv}")((11,), (128,), (
-        arena, state, *X, _i32(d),
+    _fn(f"fd_qkv_{kv}")((11,), (128,), (  # x: the residual, normalized by every block itself
+        arena, state, cupy.asarray(x), _i64(offs[6]), np.float32(1e-5), _i32(d),
         _i32(QID[qt]), _i64(offs[0]), _i64(rb), _i32(QID[qt]), _i64(offs[1]), _i64(rb), _i32(QID[qt]), _i64(offs[2]),
         _i64(rb), _i64(boffs[0]), _i64(boffs[1]), _i64(boffs[2]), _i32(nh), _i32(nkv), _i32(hd), _i32(hd),
         _i32(style == "neox"), rope, kc, vc, _i32(layer), _i32(n_ctx), q, _i32(lpr)))

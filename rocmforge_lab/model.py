@@ -31,6 +31,7 @@ class ForwardState:
     v_cache: Array
     logits_rows: slice = field(default_factory=lambda: slice(None))  # which rows get logits
     values: dict[str, Array] = field(default_factory=dict)           # op name -> output
+    scratch: dict[str, Any] = field(default_factory=dict)            # fused products shared by ops
 
     @property
     def n_tokens(self) -> int:
@@ -39,6 +40,19 @@ class ForwardState:
     @property
     def n_keys(self) -> int:
         return self.start + self.n_tokens
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """Matrices that read the same input (a layer's Q/K/V, or gate/up), stacked into one.
+
+    `weight` is [sum of outs, in]; `bias` the stacked biases or None; `names` the member tensors
+    and `bounds` their [start, stop) output columns."""
+
+    weight: Any
+    bias: Any
+    names: tuple[str, ...]
+    bounds: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class Transformer:
         self.arch = arch
         self.backend = backend
         self.weights = weights  # tensor name -> backend Weight
+        self.fused: dict[str, FusedLinear] = self._fuse_linears()  # "blk.{i}.qkv" / "blk.{i}.ffn_gate_up"
         self.program: list[Op] = self._build_program()
         self._dead_after = self._release_points()  # op index -> values no later op reads
 
@@ -115,6 +130,52 @@ class Transformer:
     def _w(self, name: str):
         return self.weights[name]
 
+    def _fuse_linears(self) -> dict[str, FusedLinear]:
+        """Stack each layer's Q/K/V and gate/up matrices where the backend can (`fuse_rows`: the
+        NumPy engine), so that one product per group serves its ops; the member weights become
+        views into the stacked matrix. The ops and their hook names stay the same."""
+        fuse = getattr(self.backend, "fuse_rows", None)
+        if fuse is None:
+            return {}
+        groups: dict[str, FusedLinear] = {}
+        for i in range(self.config.n_layer):
+            p = f"blk.{i}."
+            for key, roles, has_bias in (("qkv", ("attn_q", "attn_k", "attn_v"), self.config.qkv_bias),
+                                         ("ffn_gate_up", ("ffn_gate", "ffn_up"), False)):
+                names = tuple(p + r + ".weight" for r in roles)
+                weight, views = fuse([self.weights[n] for n in names])
+                bias = None
+                if has_bias:
+                    bias_names = [p + r + ".bias" for r in roles]
+                    bias, bias_views = fuse([self.weights[n] for n in bias_names])
+                    self.weights.update(zip(bias_names, bias_views))
+                self.weights.update(zip(names, views))
+                bounds, start = [], 0
+                for v in views:
+                    bounds.append((start, start + v.shape[0]))
+                    start += v.shape[0]
+                groups[p + key] = FusedLinear(weight, bias, names, tuple(bounds))
+        return groups
+
+    def _linear(self, s: ForwardState, x_name: str, weight_name: str, bias_name: str | None,
+                group: str | None = None) -> Array:
+        """weight_name's product with the value x_name (+ bias). In a fused group, the first member
+        computes the stacked product once and the others slice it, as long as their input is the
+        very array it was computed from (an intervention that replaced it gets its own product)."""
+        x = s.values[x_name]
+        fused = self.fused.get(group) if group else None
+        if fused is None:
+            return self.backend.linear(x, self._w(weight_name), self._w(bias_name) if bias_name else None)
+        cached = s.scratch.get(group)
+        if cached is None or cached[0] is not x:
+            cached = (x, self.backend.linear(x, fused.weight, fused.bias))  # [n, sum of outs]
+            s.scratch[group] = cached
+        member = fused.names.index(weight_name)
+        if member == len(fused.names) - 1:
+            del s.scratch[group]
+        start, stop = fused.bounds[member]
+        return cached[1][:, start:stop]  # [n, out]
+
     def _build_program(self) -> list[Op]:
         cfg, be = self.config, self.backend
         ops: list[Op] = []
@@ -141,13 +202,13 @@ class Transformer:
         scale = 1.0 / math.sqrt(hd)
 
         def bias(role):
-            return self._w(p + role + ".bias") if cfg.qkv_bias else None
+            return p + role + ".bias" if cfg.qkv_bias else None
 
         op(p + "attn_norm", "rms_norm", i, [resid],
            lambda s: be.rms_norm(s.values[resid], self._w(p + "attn_norm.weight"), cfg.rms_eps))
         for role in ("attn_q", "attn_k", "attn_v"):
             op(p + role, "linear", i, [p + "attn_norm"],
-               lambda s, r=role: be.linear(s.values[p + "attn_norm"], self._w(p + r + ".weight"), bias(r)))
+               lambda s, r=role: self._linear(s, p + "attn_norm", p + r + ".weight", bias(r), p + "qkv"))
         op(p + "attn_q_rope", "rope", i, [p + "attn_q"],  # [n, n_head, head_dim]
            lambda s: be.rope(s.values[p + "attn_q"].reshape(s.n_tokens, n_head, hd), s.positions,
                              cfg.rope_dim, cfg.rope_base, cfg.rope_style))
@@ -173,7 +234,7 @@ class Transformer:
            lambda s: be.rms_norm(s.values[p + "resid_mid"], self._w(p + "ffn_norm.weight"), cfg.rms_eps))
         for role in ("ffn_gate", "ffn_up"):
             op(p + role, "linear", i, [p + "ffn_norm"],  # [n, d_ff]
-               lambda s, r=role: be.linear(s.values[p + "ffn_norm"], self._w(p + r + ".weight")))
+               lambda s, r=role: self._linear(s, p + "ffn_norm", p + r + ".weight", None, p + "ffn_gate_up"))
         op(p + "ffn_act", "swiglu", i, [p + "ffn_gate", p + "ffn_up"],
            lambda s: be.swiglu(s.values[p + "ffn_gate"], s.values[p + "ffn_up"]))
         op(p + "ffn_down", "linear", i, [p + "ffn_act"],

@@ -45,16 +45,30 @@ class NumpyBackend:
 
     # --- weights and memory ---------------------------------------------------------
     def load_weight(self, tensor: TensorInfo) -> np.ndarray:
-        """float32 values in the tensor's shape. Matrices [out, in] are stored column-major, so that
-        `x @ W.T` in `linear` reads a C-contiguous [in, out] operand: 15-25% faster BLAS products
-        (prefill and decode) than the transposed view of a row-major matrix."""
+        """float32 values in the tensor's shape. Matrices [out, in] with out >= in are stored
+        column-major, others (the FFN down projection) row-major: measured on a 2-core machine with
+        cold caches, that is the faster BLAS product for each shape (decode and prefill)."""
         values = dequantize_tensor(tensor)
-        if values.ndim == 2:
+        if values.ndim == 2 and values.shape[0] >= values.shape[1]:
             values = np.asfortranarray(values)
         self._weights["tensors"] += 1
         self._weights["bytes"] += values.nbytes
         self._weights["file_bytes"] += tensor.n_bytes
         return values
+
+    def fuse_rows(self, matrices: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Stack matrices [out_i, in] (or vectors [out_i]) into one [sum out_i, in] array stored like
+        `load_weight` stores matrices; returns it and a view of each part. One product with the
+        stacked matrix streams the same bytes as the separate ones at ~1.3x their speed (decode on
+        a 2-core machine: small BLAS calls pay a fixed cost each)."""
+        fused = np.concatenate(matrices, axis=0)
+        if fused.ndim == 2:
+            fused = np.asfortranarray(fused)
+        views, start = [], 0
+        for m in matrices:
+            views.append(fused[start:start + m.shape[0]])
+            start += m.shape[0]
+        return fused, views
 
     def new_kv_cache(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int):
         shape = (n_layer, n_head_kv, n_ctx, head_dim)
@@ -82,10 +96,17 @@ class NumpyBackend:
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.einsum("nd,nd->n", x, x)[:, None] / np.float32(x.shape[-1])  # [n, 1]
-        return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
+        inv_rms = np.sqrt(ms + np.float32(eps))
+        np.divide(np.float32(1.0), inv_rms, out=inv_rms)
+        out = x * inv_rms  # [n, d]
+        out *= weight
+        return out
 
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        y = x @ weight.T  # [n, in] @ [in, out] -> [n, out]
+        if x.shape[0] == 1:  # decode: a matrix-vector product (gemv), ~10% faster than gemm with n=1
+            y = (weight @ x[0])[None]  # [out, in] @ [in] -> [1, out]
+        else:
+            y = x @ weight.T  # [n, in] @ [in, out] -> [n, out]
         if bias is not None:
             y += bias
         return y
@@ -107,6 +128,10 @@ class NumpyBackend:
         # x: [n, heads, head_dim]; rot: [n, 1, n_rot/2] complex
         half = n_rot // 2
         rot = self._rope_table(n_rot, base, int(positions.max()) + 1)[positions][:, None, :]
+        if style == "normal" and n_rot == x.shape[-1]:  # every pair rotates: no copy of the rest
+            pairs = np.ascontiguousarray(x).view(np.complex64)
+            pairs *= rot
+            return pairs.view(np.float32)
         out = x.copy()
         if style == "normal":    # pairs (x[2i], x[2i+1]) are adjacent: a complex view of the floats
             pairs = np.ascontiguousarray(x[..., :n_rot]).view(np.complex64)
@@ -139,9 +164,10 @@ class NumpyBackend:
         return scores
 
     def softmax(self, scores: np.ndarray) -> np.ndarray:
-        m = np.max(scores, axis=-1, keepdims=True)
-        e = np.exp(scores - m)
-        return e / np.sum(e, axis=-1, keepdims=True)
+        e = scores - np.max(scores, axis=-1, keepdims=True)
+        np.exp(e, out=e)
+        e /= np.sum(e, axis=-1, keepdims=True)
+        return e
 
     def attn_mix(self, probs: np.ndarray, v_cache, layer: int, n_keys: int) -> np.ndarray:
         n_head, n, _ = probs.shape
@@ -154,7 +180,12 @@ class NumpyBackend:
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp(-gate) -> inf for very negative gate: silu -> 0, correct
-            return gate / (1.0 + np.exp(-gate)) * up
+            t = np.negative(gate)
+            np.exp(t, out=t)
+            t += np.float32(1.0)
+            np.divide(gate, t, out=t)  # silu(gate) = gate / (1 + exp(-gate))
+            t *= up
+            return t
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b

@@ -201,7 +201,7 @@ RF_KERNEL void fd_quantize(const rf_u8* __restrict__ arena, const float* __restr
 // one L2 round trip and a block reduction, overlapped with its weight prefetches, and removes a
 // grid-wide atomic, a fence and a serial phase from every o-projection / down-projection launch.
 #define FD_XS_MAX 8192  // the largest d_model the staged kernels take (DecodePlan.check)
-#define FD_XS_REG 8     // 32-value blocks per warp kept in registers between the two passes
+#define FD_XS_REG 4     // 8-value groups per thread kept in registers between the two passes
 struct alignas(16) FdXs {
     int h[FD_XS_MAX / 4];
     int l[FD_XS_MAX / 4];
@@ -209,46 +209,193 @@ struct alignas(16) FdXs {
     float sum[FD_XS_MAX / 16];
 };
 
-// xs = quantized RMSNorm(src) * w (n <= FD_XS_MAX, n % 32 == 0); the whole block calls; ends with a
-// barrier, so the block may read xs at once. Arithmetic as fd_block_quant (and norm.hip).
+// Quantize 8 consecutive values z (group g: values 8g..8g+7) into xs, as fd_quant32 does per value;
+// the 4 groups of a 32-block sit in 4 consecutive lanes (lane quads). Every lane calls (shuffles).
+RF_DEV void fd_quant8(const float* z, int g, bool ok, FdXs* xs) {
+    float a = 0.0f, s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        a = fmaxf(a, fabsf(z[e]));
+        s += z[e];
+    }
+    a = fmaxf(a, rf_shfl_xor(a, 1));
+    a = fmaxf(a, rf_shfl_xor(a, 2));
+    s += rf_shfl_xor(s, 1);  // the 16-value sum (groups 2m, 2m+1)
+    const float inv = a > 0.0f ? FD_QMAXF / a : 0.0f;
+    rf_u32 hw[2] = {0u, 0u}, lw[2] = {0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int q = (int)rintf(z[e] * inv);
+        const int h = (q + 128) >> 8;  // q = 256 h + l, h in [-127, 127], l in [-128, 127]
+        const int l = q - 256 * h;
+        hw[e >> 2] |= ((rf_u32)h & 0xffu) << (8 * (e & 3));
+        lw[e >> 2] |= ((rf_u32)l & 0xffu) << (8 * (e & 3));
+    }
+    if (ok) {
+        fd_i2 th, tl;
+        th.x = (int)hw[0]; th.y = (int)hw[1];
+        tl.x = (int)lw[0]; tl.y = (int)lw[1];
+        *(fd_i2*)(xs->h + 2 * g) = th;
+        *(fd_i2*)(xs->l + 2 * g) = tl;
+        if ((g & 3) == 0) xs->s[g >> 2] = a / FD_QMAXF;
+        if ((g & 1) == 0) xs->sum[g >> 1] = s;
+    }
+}
+
+RF_DEV void fd_ld8f(const float* p, float* o) {
+    const rf_f4 a = ((const rf_f4*)p)[0], b = ((const rf_f4*)p)[1];
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+
+// xs = quantized RMSNorm(src) * w (n <= FD_XS_MAX, n % 32 == 0, src and w 16-byte aligned): thread t
+// takes the 8-value groups t, t + blockDim, ... (the first FD_XS_REG of them stay in registers, so
+// src is read once: one round of independent 16-byte loads). The whole block calls; ends with a
+// barrier, so the block may read xs at once. Arithmetic as norm.hip's rms_norm, then fd_quant32's.
 RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, FdXs* xs,
                          float* red) {
-    const int per_warp = WARP_SIZE / 32;  // 32-blocks per warp pass
-    const int step = (int)(blockDim.x / WARP_SIZE) * per_warp;
-    const int nb = n / 32;
-    const int b_first = rf_warp() * per_warp;  // warp-uniform
-    const int sub = rf_lane() / 32, l32 = rf_lane() & 31;
-    float v[FD_XS_REG], wv[FD_XS_REG];
+    const int n8 = n / 8, t = (int)threadIdx.x, bd = (int)blockDim.x;
+    float v[FD_XS_REG][8], wv[FD_XS_REG][8];
 #pragma unroll
-    for (int k = 0; k < FD_XS_REG; ++k) {  // independent loads first
-        const int b = b_first + k * step + sub;
-        const bool ok = b < nb;
-        v[k] = ok ? src[32 * b + l32] : 0.0f;
-        wv[k] = ok ? w[32 * b + l32] : 0.0f;
+    for (int k = 0; k < FD_XS_REG; ++k) {
+        const int g = t + k * bd;
+        if (g < n8) {
+            fd_ld8f(src + 8 * g, v[k]);
+            fd_ld8f(w + 8 * g, wv[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[k][e] = wv[k][e] = 0.0f;
+        }
     }
     float ss = 0.0f;
 #pragma unroll
-    for (int k = 0; k < FD_XS_REG; ++k) ss += v[k] * v[k];
-    for (int b0 = b_first + FD_XS_REG * step; b0 < nb; b0 += step) {
-        const int b = b0 + sub;
-        const float t = b < nb ? src[32 * b + l32] : 0.0f;
-        ss += t * t;
+    for (int k = 0; k < FD_XS_REG; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss += v[k][e] * v[k][e];
+    for (int g = t + FD_XS_REG * bd; g < n8; g += bd) {  // blocks of < n / (8 FD_XS_REG) threads
+        float u[8];
+        fd_ld8f(src + 8 * g, u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss += u[e] * u[e];
     }
     ss = rf_block_sum(ss, red);
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
 #pragma unroll
     for (int k = 0; k < FD_XS_REG; ++k) {
-        const int b0 = b_first + k * step;
-        if (b0 < nb) {  // warp-uniform
-            const int b = b0 + sub;
-            fd_quant32(v[k] * inv * wv[k], b, b < nb, xs->h, xs->l, xs->s, xs->sum);
+        if (k * bd < n8) {  // block-uniform
+            float z[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) z[e] = v[k][e] * inv * wv[k][e];
+            fd_quant8(z, t + k * bd, t + k * bd < n8, xs);
         }
     }
-    for (int b0 = b_first + FD_XS_REG * step; b0 < nb; b0 += step) {  // warp-uniform
-        const int b = b0 + sub;
-        const bool ok = b < nb;
-        const int c = 32 * b + l32;
-        fd_quant32(ok ? src[c] * inv * w[c] : 0.0f, b, ok, xs->h, xs->l, xs->s, xs->sum);
+    for (int g0 = FD_XS_REG * bd; g0 < n8; g0 += bd) {  // block-uniform
+        const int g = g0 + t;
+        const bool ok = g < n8;
+        float z[8], u[8], wu[8];
+        if (ok) {
+            fd_ld8f(src + 8 * g, u);
+            fd_ld8f(w + 8 * g, wu);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) z[e] = ok ? u[e] * inv * wu[e] : 0.0f;
+        fd_quant8(z, g, ok, xs);
+    }
+    __syncthreads();
+    FdX X;
+    X.h = xs->h;
+    X.l = xs->l;
+    X.s = xs->s;
+    X.sum16 = xs->sum;
+    return X;
+}
+
+// The o-projection's input, merged by each of its blocks from the attention's split partials
+// ("late merge": fd_attn then skips its last-block merge). part_acc[s, h, :] = sum_j e^(score_hj -
+// m_sh) V_j, part_ml[s, h] = (m_sh, l_sh) for the splits s < nsv; out[h, :] = sum_s w_sh part_acc[s,
+// h, :], w_sh = e^(m_sh - M_h) / sum_s e^(m_sh - M_h) l_sh, quantized into xs (8-value groups, as
+// fd_stage_norm). Needs nsv * n_head * head_dim <= FD_MERGE_MAX, n_head * head_dim <= FD_XS_MAX.
+#define FD_MERGE_MAX 12288
+#define FD_MERGE_SR 8  // splits per round of independent loads
+RF_DEV void fd_merge_round(const float* __restrict__ pa, const float* mw, int n, int n_head, int h, int g, bool ok,
+                           int s0, int nsv, float* acc) {
+    float a[FD_MERGE_SR][8];
+#pragma unroll
+    for (int k = 0; k < FD_MERGE_SR; ++k) {
+        if (ok && s0 + k < nsv) {
+            fd_ld8f(pa + (rf_i64)(s0 + k) * n + 8 * g, a[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a[k][e] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < FD_MERGE_SR; ++k) {
+        const float wk = (ok && s0 + k < nsv) ? mw[2 * ((s0 + k) * n_head + h)] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(wk, a[k][e], acc[e]);
+    }
+}
+
+RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict__ pm, int nsv, int n_head, int hd,
+                          FdXs* xs) {
+    __shared__ float mw[2 * FD_MERGE_MAX / 32];  // (m, l) per split and head, then the weights
+    __shared__ float hm[FD_MERGE_MAX / 32], hinv[FD_MERGE_MAX / 32];
+    const int t = (int)threadIdx.x, bd = (int)blockDim.x, n = n_head * hd, n8 = n / 8;
+    // the first round of this thread's first group: loaded before the weights are known
+    const bool own = t < n8;
+    const int h0 = own ? 8 * t / hd : 0;
+    float a0[FD_MERGE_SR][8];
+#pragma unroll
+    for (int k = 0; k < FD_MERGE_SR; ++k) {
+        if (own && k < nsv) {
+            fd_ld8f(pa + (rf_i64)k * n + 8 * t, a0[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a0[k][e] = 0.0f;
+        }
+    }
+    for (int i = t; i < 2 * nsv * n_head; i += bd) mw[i] = pm[i];
+    __syncthreads();
+    for (int h = t; h < n_head; h += bd) {
+        float M = -RF_INF;
+        for (int sp = 0; sp < nsv; ++sp) M = fmaxf(M, mw[2 * (sp * n_head + h)]);
+        float Ls = 0.0f;
+        for (int sp = 0; sp < nsv; ++sp) {
+            const float m = mw[2 * (sp * n_head + h)];
+            Ls += m == -RF_INF ? 0.0f : expf(m - M) * mw[2 * (sp * n_head + h) + 1];
+        }
+        hm[h] = M;
+        hinv[h] = Ls > 0.0f ? 1.0f / Ls : 0.0f;
+    }
+    __syncthreads();
+    for (int i = t; i < nsv * n_head; i += bd) {
+        const float m = mw[2 * i];
+        const int h = i % n_head;
+        mw[2 * i] = m == -RF_INF ? 0.0f : expf(m - hm[h]) * hinv[h];
+    }
+    __syncthreads();
+    {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < FD_MERGE_SR; ++k) {
+            const float wk = (own && k < nsv) ? mw[2 * (k * n_head + h0)] : 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = fmaf(wk, a0[k][e], acc[e]);
+        }
+        for (int s0 = FD_MERGE_SR; s0 < nsv; s0 += FD_MERGE_SR) fd_merge_round(pa, mw, n, n_head, h0, t, own, s0, nsv, acc);
+        fd_quant8(acc, t, own, xs);
+    }
+    for (int gb = bd; gb < n8; gb += bd) {  // block-uniform: vectors of more than 8 * blockDim values
+        const int g = gb + t;
+        const bool ok = g < n8;
+        const int h = ok ? 8 * g / hd : 0;
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+        for (int s0 = 0; s0 < nsv; s0 += FD_MERGE_SR) fd_merge_round(pa, mw, n, n_head, h, g, ok, s0, nsv, acc);
+        fd_quant8(acc, g, ok, xs);
     }
     __syncthreads();
     FdX X;
@@ -739,9 +886,9 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
             fd_prefetch_rows(ty, arena + off + (rf_i64)row_a * rbytes, arena + off + (rf_i64)row_b * rbytes, d, gl);
         }
     }
-    if (state[FD_ST_DONE]) return;
-    const int pos = state[FD_ST_POS];
+    const int done = state[FD_ST_DONE], pos = state[FD_ST_POS];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) return;
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform
         const int task = base + g;
         const bool valid = task < n_tasks;
@@ -911,7 +1058,7 @@ template <class C, int HD>
 RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict__ q, const C* __restrict__ kc,
                          const C* __restrict__ vc, float* part_acc, float* part_ml, int* counters, float* out,
                          int* oh, int* ol, float* os, float* osum, int layer, int n_head, int n_kv, int n_ctx,
-                         float scale) {
+                         float scale, int merge_max) {
     constexpr int KPL = HD / 32;
     constexpr int HP = FD_ATT_HPP;
     __shared__ float qsh[FD_ATT_QMAX];
@@ -1041,6 +1188,8 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
             part_ml[((rf_i64)split * n_head + h0 + g) * 2 + 1] = mls[g][1];
         }
     }
+    const int nsv = (L + FD_ATT_KEYS - 1) / FD_ATT_KEYS;
+    if (nsv * n_head * HD <= merge_max) return;  // late merge: the o-projection's blocks merge (fd_oproj)
     // the last block of this KV head merges the partials
     __threadfence();
     __syncthreads();
@@ -1051,7 +1200,6 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    const int nsv = (L + FD_ATT_KEYS - 1) / FD_ATT_KEYS;
     const volatile float* pa = part_acc;
     const volatile float* pm = part_ml;
     // per head: M = max_s m_s, inv = 1 / sum_s e^(m_s - M) l_s (32-lane groups, lanes over splits)
@@ -1156,9 +1304,9 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     RF_KERNEL void fd_attn_##cname##_hd##HD(const int* state, const float* q, const C* kc, const C* vc,        \
                                             float* part_acc, float* part_ml, int* counters, float* out,        \
                                             int* oh, int* ol, float* os, float* osum, int layer, int n_head,   \
-                                            int n_kv, int n_ctx, float scale) {                                \
+                                            int n_kv, int n_ctx, float scale, int merge_max) {                 \
         fd_attn_impl<C, HD>(state, q, kc, vc, part_acc, part_ml, counters, out, oh, ol, os, osum, layer,       \
-                            n_head, n_kv, n_ctx, scale);                                                       \
+                            n_head, n_kv, n_ctx, scale, merge_max);                                            \
     }
 FD_ATTN_KERNEL(f16, rf_u16, 32)
 FD_ATTN_KERNEL(f16, rf_u16, 64)
@@ -1175,21 +1323,26 @@ FD_ATTN_KERNEL(f32, float, 128)
 // With tail_norm_off >= 0, the last block (atomic counter) then quantizes RMSNorm(y) * w_tail into
 // oh/ol/os/osum (tools and tests; the decode plan normalizes in the consumers instead, fd_stage_norm).
 // state may be null.
-#define FD_KS_MAX 8
+// the first task's rows of this lane group, prefetched into L2 before anything else
+RF_DEV void fd_matvec_prefetch(const rf_u8* arena, int t, rf_i64 off, rf_i64 rb, int rows, int cols, int pair,
+                               int lpr, int ks) {
+    const int n_tasks = pair ? (rows + 1) / 2 : rows;
+    const int ngr = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
+    const int gpb = ngr / ks, slot = g / ks;
+    const int task = blockIdx.x * gpb + slot;
+    if (task < n_tasks && slot < gpb) {
+        const int ra = pair ? 2 * task : task;
+        fd_prefetch_rows(t, arena + off + (rf_i64)ra * rb,
+                         pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, cols,
+                         (g % ks) * lpr + gl);
+    }
+}
+
+// the task loop of fd_matvec / fd_oproj (every thread of the block calls)
 template <bool ANY>
-RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
-                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
-                           const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
-                           rf_i64 tail_norm_off, float eps, int* oh, int* ol, float* os, float* osum, int pair, int lpr,
-                           int ks) {
-    __shared__ float red[32];
-    __shared__ int s_last;
+RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, rf_i64 rb, int rows, int cols,
+                           const FdX& X, rf_i64 bias_off, float* y, int accumulate, int pair, int lpr, int ks) {
     __shared__ float kred[2][1024 / 8];  // split-K partials: [row a / b][group]
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
     // pair: tasks of rows (r, r+1) sharing the x loads; else one row per task (half the work per
     // lane: lower latency for small matrices)
     const int n_tasks = pair ? (rows + 1) / 2 : rows;
@@ -1197,15 +1350,6 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     const int gpb = ngr / ks, kp = g % ks, slot = g / ks;  // tasks per block, this group's K part
     const int gle = kp * lpr + gl, lpe = ks * lpr;         // lane index / lanes of the whole task
     const int stride = gridDim.x * gpb;
-    {
-        const int task = blockIdx.x * gpb + slot;
-        if (task < n_tasks && slot < gpb) {
-            const int ra = pair ? 2 * task : task;
-            fd_prefetch_rows(t, arena + off + (rf_i64)ra * rb,
-                             pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, cols, gle);
-        }
-    }
-    if (state != nullptr && state[FD_ST_DONE]) return;
     const float* bias = bias_off >= 0 ? (const float*)(arena + bias_off) : nullptr;
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // block-uniform
         const int task = base + slot;
@@ -1252,6 +1396,24 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
             if (has_b) y[rbw] = yb + vb;
         }
     }
+}
+
+template <bool ANY>
+RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
+                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
+                           const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
+                           rf_i64 tail_norm_off, float eps, int* oh, int* ol, float* os, float* osum, int pair, int lpr,
+                           int ks) {
+    __shared__ float red[32];
+    __shared__ int s_last;
+    fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
+    if (state != nullptr && state[FD_ST_DONE]) return;
+    FdX X;
+    X.h = xh;
+    X.l = xl;
+    X.s = xs;
+    X.sum16 = xsum;
+    fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, bias_off, y, accumulate, pair, lpr, ks);
     if (tail_norm_off < 0) return;
     __threadfence();
     __syncthreads();
@@ -1277,6 +1439,42 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
 RF_KERNEL void fd_matvec(FD_MATVEC_ARGS) { fd_matvec_impl<false>(FD_MATVEC_PASS); }
 RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true>(FD_MATVEC_PASS); }
 
+// ---- fd_oproj ---------------------------------------------------------------------------------
+// resid += W_o x, x = the attention output: while nsv * n_head * head_dim <= merge_max (nsv = the
+// 64-key splits holding keys 0..state.pos, as fd_attn computes it) every block merges the split
+// partials itself (fd_stage_merge) and fd_attn skipped its merge; otherwise x is the quantized
+// vector fd_attn's merge wrote (xh/xl/xs/xsum).
+template <bool ANY>
+RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
+                          rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
+                          const float* xsum, float* y, const float* part_acc, const float* part_ml, int n_head,
+                          int hd, int merge_max, int pair, int lpr, int ks) {
+    __shared__ FdXs xsh;
+    fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
+    if (state[FD_ST_DONE]) return;
+    const int nsv = (state[FD_ST_POS] + FD_ATT_KEYS) / FD_ATT_KEYS;
+    FdX X;
+    if (nsv * n_head * hd <= merge_max) {  // block-uniform
+        X = fd_stage_merge(part_acc, part_ml, nsv, n_head, hd, &xsh);
+    } else {
+        X.h = xh;
+        X.l = xl;
+        X.s = xs;
+        X.sum16 = xsum;
+    }
+    fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, -1, y, 1, pair, lpr, ks);
+}
+
+#define FD_OPROJ_ARGS                                                                                      \
+    const rf_u8 *arena, const int *state, int t, rf_i64 off, rf_i64 rb, int rows, int cols, const int *xh,    \
+        const int *xl, const float *xs, const float *xsum, float *y, const float *part_acc,                   \
+        const float *part_ml, int n_head, int hd, int merge_max, int pair, int lpr, int ks
+#define FD_OPROJ_PASS                                                                                      \
+    arena, state, t, off, rb, rows, cols, xh, xl, xs, xsum, y, part_acc, part_ml, n_head, hd, merge_max, pair, \
+        lpr, ks
+RF_KERNEL void fd_oproj(FD_OPROJ_ARGS) { fd_oproj_impl<false>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_any(FD_OPROJ_ARGS) { fd_oproj_impl<true>(FD_OPROJ_PASS); }
+
 // ---- fd_gate_up -------------------------------------------------------------------------------
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x
 // (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input).
@@ -1294,8 +1492,9 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         fd_prefetch_rows(tg, arena + offg + (rf_i64)(r0 + g) * rbg, nullptr, d, gl);
         fd_prefetch_rows(tu, arena + offu + (rf_i64)(r0 + g) * rbu, nullptr, d, gl);
     }
-    if (state[FD_ST_DONE]) return;
+    const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) return;
     for (int k = g; k < 32; k += gpb) {  // 32 % gpb == 0: warp-uniform
         const rf_u8* rg = arena + offg + (rf_i64)(r0 + k) * rbg;
         const rf_u8* ru = arena + offu + (rf_i64)(r0 + k) * rbu;
@@ -1380,8 +1579,9 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
             fd_prefetch_rows(t, arena + off + (rf_i64)(2 * task) * rb,
                              2 * task + 1 < vocab ? arena + off + (rf_i64)(2 * task + 1) * rb : nullptr, d, gl);
     }
-    if (state[FD_ST_DONE]) return;
+    const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) return;
     float best = -RF_INF;
     int besti = 0x7fffffff;
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform

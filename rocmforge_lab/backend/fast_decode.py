@@ -53,6 +53,7 @@ ATT_HEAD_DIMS = (32, 64, 128)
 ATT_MAXG = 32
 ATT_QMAX = 4096
 XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
+MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
 # variants, which also handle F32 / F16 / BF16 / Q2_K / Q3_K / MXFP4 (float decoders)
@@ -266,10 +267,11 @@ class DecodePlan:
             L.append(Launch(
                 f"fd_attn_{c}_hd{hd}", (self.n_split, nkv), (128,),
                 (Buf("state"), Buf("q"), Buf("k_cache"), Buf("v_cache"), Buf("part_acc"), Buf("part_ml"),
-                 Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale)),
+                 Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale),
+                 _i32(self.merge_max)),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
-            L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj"))
+            L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
             lpr = self._lpr(d)
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
@@ -286,7 +288,7 @@ class DecodePlan:
             wd = self._w(p + "ffn_down.weight")
             L.append(self._matvec(wd, "xf", p + "down", "down"))
         wout = self._w("token_embd.weight" if cfg.tied_output else "output.weight")
-        lpr = self._lpr(d)
+        lpr = min(int(self.tune.get("out_lpr", self._lpr(d))), self.warp_size)
         grid, block = self._shape(-(-V // 2), lpr)
         L.append(Launch(
             f"fd_output{any_(wout)}", grid, block,
@@ -302,7 +304,16 @@ class DecodePlan:
              Buf("resid")),
             "embed", "embed", 0)]
 
-    def _matvec(self, w: WeightRef, x: str, label: str, kind: str) -> Launch:
+    @property
+    def merge_max(self) -> int:
+        """fd_attn / fd_oproj "late merge" bound: while (splits holding keys 0..pos) x n_head x
+        head_dim <= merge_max, every o-projection block merges the attention's split partials itself
+        and fd_attn skips its last-block merge (tune "merge_max"; 0: always the attention merge)."""
+        if self.cfg.n_head * self.cfg.head_dim > XS_MAX:
+            return 0
+        return min(int(self.tune.get("merge_max", MERGE_MAX)), MERGE_MAX)
+
+    def _matvec(self, w: WeightRef, x: str, label: str, kind: str, oproj: bool = False) -> Launch:
         """resid += W x (o / down projections; the consumers normalize resid themselves).
 
         Row pairs share their x loads; a matrix too small to fill the device with pair tasks
@@ -315,6 +326,16 @@ class DecodePlan:
         n_tasks = -(-w.rows // 2) if pair else w.rows
         ks = self.ks_for(n_tasks, lpr, w.cols)
         grid, block = self._shape(n_tasks * ks, lpr, lpr * ks)
+        any_ = "" if w.qtype in FAST_TYPES else "_any"
+        if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
+            cfg = self.cfg
+            return Launch(
+                "fd_oproj" + any_, grid, block,
+                (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
+                 _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
+                 Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
+                 _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
+                label, kind, w.nbytes)
         return Launch(
             "fd_matvec" + ("" if w.qtype in FAST_TYPES else "_any"), grid, block,
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),

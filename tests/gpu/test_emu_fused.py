@@ -158,6 +158,49 @@ def test_emu_fused_gate_up(qpair):
     assert np.all(act2 == 7.0)
 
 
+@pytest.mark.parametrize("ws,merge_max", [(32, 12288), (32, 0), (64, 12288)])
+def test_emu_attention_then_oproj(ws, merge_max):
+    """fd_attn over 4 key splits, then fd_oproj: resid += W_o attention. merge_max 12288: every o-proj
+    block merges the split partials itself (late merge); 0: fd_attn's last block merges into xa."""
+    import math
+
+    rng = np.random.default_rng(14)
+    nh, nkv, hd, n_ctx, layer = 4, 2, 32, 256, 0
+    pos = 200  # keys 0..200: splits 0..3, the last one partial
+    d = 64
+    kc = (0.5 * rng.standard_normal((1, nkv, n_ctx, hd))).astype(np.float32)
+    vc = rng.standard_normal((1, nkv, n_ctx, hd)).astype(np.float32)
+    q = rng.standard_normal(nh * hd).astype(np.float32)
+    raw = R.random_tensor("Q8_0", d, nh * hd, rng)
+    wo = R.dequant_ref(raw, "Q8_0", d, nh * hd).astype(np.float64)
+    arena, (w_off,) = R.pack_arena(raw)
+    state = np.array([pos, 0, 0, 0], np.int32)
+    n_split = n_ctx // 64
+    part_acc = np.zeros(n_split * nh * hd, np.float32)
+    part_ml = np.zeros(n_split * nh * 2, np.float32)
+    cnt = np.zeros(nkv, np.int32)
+    out = np.full(nh * hd, np.nan, np.float32)
+    xa = (np.zeros(nh * hd // 4, np.int32), np.zeros(nh * hd // 4, np.int32), np.zeros(nh * hd // 32, np.float32),
+          np.zeros(nh * hd // 16, np.float32))
+    scale = 1 / math.sqrt(hd)
+    mod(ws).launch("fd_attn_f32_hd32", (n_split, nkv), (128,), state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
+                   layer, nh, nkv, n_ctx, scale, merge_max)
+    assert cnt.sum() == 0
+    want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),
+                           layer, pos, pos + 1, scale).reshape(-1)
+    if merge_max == 0:  # the attention merged
+        assert np.allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    else:
+        assert np.all(np.isnan(out))  # nothing merged here
+    base = rng.standard_normal(d).astype(np.float32)
+    y = base.copy()
+    mod(ws).launch("fd_oproj", (3,), (64 if ws == 32 else 128,), arena, state, QTYPE_ID["Q8_0"], w_off,
+                   R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
+    ref = wo @ want + base
+    tol = 1e-4 * (np.abs(wo) @ np.abs(want) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(want).max()
+    assert np.all(np.abs(y - ref) <= tol), float(np.abs(y - ref).max())
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole decode step (DecodePlan) on the emulator vs the NumPy engine
 

@@ -204,13 +204,38 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     for _ in range(2):  # twice: the counters must have been reset by the first launch
         _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv), (128,), (state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
                                                             _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
-                                                            np.float32(1 / math.sqrt(hd))))
+                                                            np.float32(1 / math.sqrt(hd)), _i32(0)))
         assert int(cnt.sum().get()) == 0
     qh = cupy.asnumpy(q).astype(np.float64).reshape(1, nh, hd)
     want = R.attention_ref(qh, kc1.astype(np.float64), vc1.astype(np.float64), layer, pos, pos + 1, 1 / math.sqrt(hd))
     got = cupy.asnumpy(out).reshape(1, -1)
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), float(np.abs(got - want).max())
     assert np.all(np.abs(_dequant_x(xa) - got[0]) <= 2e-5 * np.abs(got).max())  # the o-proj input
+    # fd_oproj: resid += W_o attention, x from xa (merge_max 0) or merged from the split partials by every
+    # o-proj block (late merge: fd_attn skips its merge and writes no output)
+    rows_o = 96
+    raw_o = R.random_tensor("Q8_0", rows_o, nh * hd, rng)
+    wo = R.dequant_ref(raw_o, "Q8_0", rows_o, nh * hd).astype(np.float64)
+    arena_o, (wo_off,) = _arena(raw_o)
+    ref_out = want[0]
+    base = rng.standard_normal(rows_o).astype(np.float32)
+    tol = 1e-4 * (np.abs(wo) @ np.abs(ref_out) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(ref_out).max()
+    for merge_max in (0, 12288):
+        nsv = pos // 64 + 1
+        late = nsv * nh * hd <= merge_max
+        if merge_max:
+            out.fill(np.nan)
+            _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv), (128,), (state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
+                                                                _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
+                                                                np.float32(1 / math.sqrt(hd)), _i32(merge_max)))
+            assert bool(cupy.isnan(out).all()) == late
+        y = cupy.asarray(base)
+        _fn("fd_oproj")((5,), (256,), (arena_o, state, _i32(QID["Q8_0"]), _i64(wo_off),
+                                       _i64(R.row_bytes("Q8_0", nh * hd)), _i32(rows_o), _i32(nh * hd), *xa, y,
+                                       part_acc, part_ml, _i32(nh), _i32(hd), _i32(merge_max), _i32(1),
+                                       _i32(min(32, backend.warp_size)), _i32(2)))
+        err = np.abs(cupy.asnumpy(y) - (wo @ ref_out + base))
+        assert np.all(err <= tol), (merge_max, late, float(err.max()))
 
 
 # ------------------------------------------------------------------------------------------------

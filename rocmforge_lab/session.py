@@ -108,10 +108,17 @@ class Session:
     def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Run `ids` through the model after the cached tokens; returns float32 logits [len(ids), vocab]
         (or [1, vocab] for the last position with `last_only`). Appends to the KV cache."""
-        state, ops = self.begin_forward(ids, last_only=last_only)
+        if self._hooks:
+            state, ops = self.begin_forward(ids, last_only=last_only)
+            with self.model.threads(state.n_tokens):
+                for _ in ops:
+                    pass
+            return self.finish_forward(state)
+        ids = self._check_ids(ids)
+        tf = self.model.transformer
+        state = tf.new_state(ids, self.n_past, self.k_cache, self.v_cache, last_only=last_only)
         with self.model.threads(state.n_tokens):
-            for _ in ops:
-                pass
+            tf.forward(state)
         return self.finish_forward(state)
 
     def truncate(self, n_tokens: int) -> None:

@@ -96,9 +96,7 @@ class NumpyBackend:
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.einsum("nd,nd->n", x, x)[:, None] / np.float32(x.shape[-1])  # [n, 1]
-        inv_rms = np.sqrt(ms + np.float32(eps))
-        np.divide(np.float32(1.0), inv_rms, out=inv_rms)
-        out = x * inv_rms  # [n, d]
+        out = x / np.sqrt(ms + np.float32(eps))  # [n, d]
         out *= weight
         return out
 
@@ -155,7 +153,8 @@ class NumpyBackend:
         group = n_head // n_head_kv
         qg = q.transpose(1, 0, 2).reshape(n_head_kv, group, n, head_dim)   # [n_kv, group, n, hd]
         keys = k_cache[layer, :, None, :n_keys, :]                         # [n_kv, 1, L, hd] (a view)
-        scores = np.matmul(qg, keys.swapaxes(-1, -2)) * np.float32(scale)  # [n_kv, group, n, L]
+        scores = np.matmul(qg, keys.swapaxes(-1, -2))                      # [n_kv, group, n, L]
+        scores *= np.float32(scale)
         scores = scores.reshape(n_head, n, n_keys)
         if n > 1:  # a single new token sees every cached key: nothing to mask
             q_pos = start + np.arange(n)[:, None]                           # [n, 1]
@@ -164,18 +163,18 @@ class NumpyBackend:
         return scores
 
     def softmax(self, scores: np.ndarray) -> np.ndarray:
-        e = scores - np.max(scores, axis=-1, keepdims=True)
+        e = scores - scores.max(axis=-1, keepdims=True)  # (methods: np.max adds ~6 us of Python per call)
         np.exp(e, out=e)
-        e /= np.sum(e, axis=-1, keepdims=True)
+        e /= e.sum(axis=-1, keepdims=True)
         return e
 
     def attn_mix(self, probs: np.ndarray, v_cache, layer: int, n_keys: int) -> np.ndarray:
         n_head, n, _ = probs.shape
         n_head_kv, head_dim = v_cache.shape[1], v_cache.shape[3]
         group = n_head // n_head_kv
-        pg = probs.reshape(n_head_kv, group, n, n_keys)                    # [n_kv, group, n, L]
-        values = v_cache[layer, :, None, :n_keys, :]                        # [n_kv, 1, L, hd]
-        out = np.matmul(pg, values)                                         # [n_kv, group, n, hd]
+        pg = probs.reshape(n_head_kv, group * n, n_keys)                   # [n_kv, group * n, L]
+        values = v_cache[layer, :, :n_keys, :]                              # [n_kv, L, hd] (a view)
+        out = np.matmul(pg, values)  # [n_kv, group * n, hd]: one product per KV head (2x faster than per head)
         return out.reshape(n_head, n, head_dim).transpose(1, 0, 2).reshape(n, n_head * head_dim)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

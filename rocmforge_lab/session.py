@@ -108,6 +108,12 @@ class Session:
     def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Run `ids` through the model after the cached tokens; returns float32 logits [len(ids), vocab]
         (or [1, vocab] for the last position with `last_only`). Appends to the KV cache."""
+        if last_only and not self._hooks and self.model.backend.name == "cupy" and len(ids) > 1:
+            from .backend.prefill import prefill_for
+
+            pf = prefill_for(self.model)  # the fused GPU prefill (None where it does not apply)
+            if pf is not None:
+                return pf.run(self, ids)
         if self._hooks:
             state, ops = self.begin_forward(ids, last_only=last_only)
             with self.model.threads(state.n_tokens):

@@ -1,0 +1,120 @@
+"""Where the GPU prefill's time goes: GPU time per backend op (CUDA events) against wall time.
+
+    python benchmarks/prefill_profile.py [--models smollm2,qwen0.5b] [--n-prompt 512] [--dir /tmp]
+
+For each synthetic model of a benchmark shape (benchmarks/gpu_decode.py): the wall time of
+`fast_prefill` of n_prompt tokens (median of 5), then one instrumented run in which every backend
+op and the pieces of a GEMM (f32->f16 conversion, weight dequantization, cuBLAS call) are
+bracketed by CUDA events. GPU time summed per op against the wall time says whether prefill is
+bound by the GPU work or by the host launching it (launches per prefill are counted too).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_decode import MODELS  # noqa: E402
+
+
+def profile_one(spec, args) -> None:
+    import cupy
+
+    import rocmforge_lab as rf
+    from rocmforge_lab import synth
+    from rocmforge_lab.backend.fast_decode import fast_prefill
+
+    def fused(session, ids):
+        return session.forward(ids, last_only=True)  # backend/prefill.py
+
+    key, label, arch, shape, qtype, ref_pp, _, _ = spec
+    path = synth.make_gguf(Path(args.dir) / f"{shape}-{qtype}.gguf", arch=arch, shape=shape, qtype=qtype, seed=0,
+                           random_bytes=True)
+    m = rf.load(str(path), device="gpu", progress=False)
+    rng = __import__("numpy").random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(0, m.config.vocab_size, args.n_prompt)]
+    s = m.session(n_ctx=args.n_prompt + 16)
+    fast_prefill(s, prompt[:16])
+    walls = []
+    for _ in range(5):
+        s.reset()
+        cupy.cuda.Device().synchronize()
+        t = time.perf_counter()
+        fast_prefill(s, prompt)
+        cupy.cuda.Device().synchronize()
+        walls.append(time.perf_counter() - t)
+    wall = statistics.median(walls)
+    fused(s, prompt[:16])
+    walls_f = []
+    for _ in range(5):
+        s.reset()
+        cupy.cuda.Device().synchronize()
+        t = time.perf_counter()
+        fused(s, prompt)
+        cupy.cuda.Device().synchronize()
+        walls_f.append(time.perf_counter() - t)
+    wall_f = statistics.median(walls_f)
+    print(f"\n{label}: fused prefill (backend/prefill.py) pp{args.n_prompt} {wall_f * 1e3:.2f} ms = "
+          f"{args.n_prompt / wall_f:,.0f} tok/s ({args.n_prompt / wall_f / ref_pp:.2f}x llama.cpp)")
+
+    be = m.backend
+    events: dict[str, list] = defaultdict(list)
+    host: dict[str, float] = defaultdict(float)
+
+    def wrap(name, fn):
+        def timed(*a, **kw):
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            t = time.perf_counter()
+            e0.record()
+            r = fn(*a, **kw)
+            e1.record()
+            host[name] += time.perf_counter() - t
+            events[name].append((e0, e1))
+            return r
+        return timed
+
+    ops = ["embed", "rms_norm", "rope", "kv_store", "attention", "add", "swiglu", "linear",
+           "_dequant_into", "_gemm_ex_call", "_matvec"]
+    for name in ops:
+        if hasattr(be, name):
+            setattr(be, name, wrap(name, getattr(be, name)))
+    s.reset()
+    cupy.cuda.Device().synchronize()
+    t = time.perf_counter()
+    fast_prefill(s, prompt)
+    cupy.cuda.Device().synchronize()
+    wall_instr = time.perf_counter() - t
+    for name in ops:
+        if name in be.__dict__:
+            del be.__dict__[name]
+    print(f"\n{label}: pp{args.n_prompt} wall {wall * 1e3:.2f} ms = {args.n_prompt / wall:,.0f} tok/s "
+          f"(llama.cpp {ref_pp:,}: {args.n_prompt / wall / ref_pp:.2f}x); instrumented run {wall_instr * 1e3:.2f} ms")
+    print(f"{'op':<16}{'calls':>7}{'GPU ms':>10}{'host ms':>10}")
+    for name in ops:
+        ev = events.get(name)
+        if not ev:
+            continue
+        gpu = sum(cupy.cuda.get_elapsed_time(a, b) for a, b in ev)
+        print(f"{name:<16}{len(ev):>7}{gpu:>10.2f}{host[name] * 1e3:>10.2f}")
+    print("(linear includes _dequant_into / _gemm_ex_call / _matvec; times of nested ops overlap)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,qwen0.5b")
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--dir", default="/tmp")
+    args = ap.parse_args()
+    keys = args.models.split(",")
+    for spec in MODELS:
+        if spec[0] in keys:
+            profile_one(spec, args)
+
+
+if __name__ == "__main__":
+    main()

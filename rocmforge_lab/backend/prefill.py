@@ -1,0 +1,231 @@
+"""GPU prefill: a prompt through the model with few launches (the untraced generate path).
+
+    from rocmforge_lab.backend.prefill import prefill_for
+    pf = prefill_for(model)              # cached per model; None where it does not apply
+    logits = pf.run(session, ids)        # numpy [1, vocab] for the last position; appends to the cache
+
+The same math as model.py's program on the GPU backend, arranged for launch count: prefill of a
+small model is bound by the host launching kernels, not by the GPU (benchmarks/prefill_profile.py).
+Per layer and chunk of up to `CHUNK` tokens:
+
+    pf_rms_norm_f16           x -> f16 normalized input                              (prefill.hip)
+    dequant + cuBLAS GEMM     Q|K|V rows of the three weights into one [n, q+k+v] product
+    pf_qkv_rope_store         bias, RoPE of Q and K, K/V into the cache              (prefill.hip)
+    attn_prefill              tiled online-softmax attention                 (attention_prefill.hip)
+    f32_to_f16 + GEMM         o-projection accumulated into the residual (GEMM beta = 1)
+    pf_rms_norm_f16, GEMM     gate|up rows of both weights in one [n, 2 ff] product
+    pf_swiglu_f16 + GEMM      down projection accumulated into the residual
+
+then the final norm and the output projection of the last position (backend ops). Weights stay
+quantized in the arena and are dequantized to f16 into the backend's scratch buffer per GEMM
+(chunks of rows when a group does not fit). Rounding: the GEMM inputs are f16 (as the backend's
+prefill GEMMs), accumulation f32; the result matches the op-by-op path within the GPU backend's
+tolerance (tests/gpu/test_prefill.py). Hooks, traces and stepping use the op-by-op program.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import kernels as K
+
+KERNEL_FILE = "prefill"
+CHUNK = 512  # tokens per pass: bounds the activation memory for long prompts
+
+
+@dataclass
+class _Layer:
+    qkv: tuple            # GpuWeights of Q, K, V (rows stacked in this order)
+    qkv_bias: Any         # cupy f32 [q+k+v] or None
+    o: Any
+    gate_up: tuple        # GpuWeights of gate, up
+    down: Any
+    attn_norm: Any        # cupy f32 [d]
+    ffn_norm: Any
+
+
+class PrefillUnsupported(ValueError):
+    """This model or backend cannot use the fused prefill (the reason says why)."""
+
+
+class GpuPrefill:
+    """The fused prefill of one GPU-loaded model (see the module docstring)."""
+
+    def __init__(self, model):
+        import cupy
+
+        be, cfg, tf = model.backend, model.config, model.transformer
+        if getattr(be, "name", None) != "cupy":
+            raise PrefillUnsupported("the fused prefill runs on the GPU backend only")
+        if be.prefill_dtype != "f16" or be._gemm_ex_ok is False:
+            raise PrefillUnsupported("the fused prefill needs f16 cuBLAS GEMMs (gemmEx)")
+        if cfg.head_dim not in K.PREFILL_HEAD_DIMS:
+            raise PrefillUnsupported(f"head_dim {cfg.head_dim} has no fused prefill attention kernel")
+        if cfg.head_dim % 2 or cfg.rope_dim % 2 or not 0 < cfg.rope_dim <= cfg.head_dim:
+            raise PrefillUnsupported(f"head_dim {cfg.head_dim} / rope_dim {cfg.rope_dim}")
+        if cfg.rope_style not in ("normal", "neox"):
+            raise PrefillUnsupported(f"rope style {cfg.rope_style}")
+        self.model_ref = weakref.ref(model)
+        self.be, self.cfg = be, cfg
+        W = tf.weights
+        be.finalize_weights()
+        self.layers: list[_Layer] = []
+        for i in range(cfg.n_layer):
+            p = f"blk.{i}."
+            qkv = tuple(W[p + r + ".weight"] for r in ("attn_q", "attn_k", "attn_v"))
+            bias = None
+            if cfg.qkv_bias:
+                bias = cupy.concatenate([W[p + r + ".bias"].as_array(cupy.float32).reshape(-1)
+                                         for r in ("attn_q", "attn_k", "attn_v")])
+            self.layers.append(_Layer(
+                qkv, bias, W[p + "attn_output.weight"], (W[p + "ffn_gate.weight"], W[p + "ffn_up.weight"]),
+                W[p + "ffn_down.weight"], W[p + "attn_norm.weight"].as_array(cupy.float32),
+                W[p + "ffn_norm.weight"].as_array(cupy.float32)))
+        self.embd = W["token_embd.weight"]
+        self.output_norm = W["output_norm.weight"]
+        self.output = W["token_embd.weight" if cfg.tied_output else "output.weight"]
+        self._one = np.ones((), np.float32)
+        self._zero = np.zeros((), np.float32)
+        self._fn = {name: K.get_function(KERNEL_FILE, name) for name in
+                    ("pf_rms_norm_f16", "pf_swiglu_f16", "pf_qkv_rope_store_f16", "pf_qkv_rope_store_f32")}
+        self._f32_to_f16 = K.get_function("elementwise", "f32_to_f16")
+
+    # ------------------------------------------------------------------ GEMM over stacked weights
+    def _gemm(self, cublas, handle, x_h, weights: Sequence[Any], out, beta) -> None:
+        """out[:, :sum rows] (= beta * out +) x_h @ [W_1; W_2; ...].T, each W dequantized to f16.
+
+        x_h: [n, k] f16; out: [n, ldc] f32 (C-contiguous). The stacked rows are processed in chunks
+        that fit the backend's scratch buffer; a chunk may hold parts of several weights."""
+        import cupy
+
+        be = self.be
+        n, k = x_h.shape
+        ldc = out.shape[1]
+        scratch, per = be._scratch_rows(weights[0], 2)
+        sh = cupy.ndarray((per, k), dtype=cupy.float16, memptr=scratch.data)
+        total = sum(w.rows for w in weights)
+        pieces = []  # (weight, first row, row count, stacked row): the stacked row space in order
+        r = 0
+        for w in weights:
+            pieces.append((w, 0, w.rows, r))
+            r += w.rows
+        c0 = 0
+        while c0 < total:
+            c1 = min(total, c0 + per)
+            for w, _, rows, s0 in pieces:  # dequantize the parts of [c0, c1) of each weight
+                a, b = max(c0, s0), min(c1, s0 + rows)
+                if a < b:
+                    be._dequant_into(w, sh[a - c0:], None, a - s0, b - a)
+            cublas.gemmEx(handle, 1, 0, c1 - c0, n, k,            # op T (weights), op N (x)
+                          self._one.ctypes.data, sh.data.ptr, 2, k,   # CUDA_R_16F, lda = k
+                          x_h.data.ptr, 2, k,
+                          beta.ctypes.data, out.data.ptr + c0 * 4, 0, ldc,  # CUDA_R_32F
+                          68, -1)                                      # COMPUTE_32F, GEMM_DEFAULT
+            c0 = c1
+
+    # ------------------------------------------------------------------ the pass
+    def run(self, session, ids: Sequence[int]) -> np.ndarray:
+        """Process `ids` after the session's cached tokens; returns the last position's logits
+        (numpy float32 [1, vocab]) and appends the tokens to the session, like
+        `session.forward(ids, last_only=True)`."""
+        import cupy
+
+        from .cupy_backend import DeviceOutOfMemory, GpuOpError, device_mem_info
+
+        be = self.be
+        ids = session._check_ids(ids)
+        be.last_op = "prefill"
+        try:
+            with cupy.cuda.using_allocator(be._malloc):
+                x_last = None
+                for c0 in range(0, len(ids), CHUNK):
+                    x_last = self._chunk(session, ids[c0:c0 + CHUNK], session.n_past + c0)
+                h = be.rms_norm(x_last, self.output_norm, self.cfg.rms_eps)
+                logits = be.linear(h, self.output)
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            free, total = device_mem_info()
+            raise DeviceOutOfMemory("activations of the fused prefill", int(getattr(exc, "size", 0) or 0),
+                                    free, total) from exc
+        except be._errors as exc:
+            raise GpuOpError("prefill", f"{type(exc).__name__}: {exc}") from exc
+        session.tokens.extend(ids)
+        return be.to_numpy(logits)
+
+    def _chunk(self, session, ids: list[int], start: int):
+        """One chunk of tokens at positions start..; returns the residual of its last token [1, d]."""
+        import cupy
+        from cupy_backends.cuda.libs import cublas
+
+        be, cfg = self.be, self.cfg
+        n = len(ids)
+        d, nh, nkv, hd, ff = cfg.d_model, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.d_ff
+        kc, vc = session.k_cache, session.v_cache
+        n_ctx = kc.shape[2]
+        cache = be._cache_suffix(kc)
+        i32, f32 = np.int32, np.float32
+        eps = f32(cfg.rms_eps)
+        pos_dev = cupy.asarray(np.arange(start, start + n, dtype=np.int32))
+        x = be.embed(self.embd, ids)                                 # [n, d] f32: the residual
+        xn16 = cupy.empty((n, d), dtype=cupy.float16)                # normalized residual (GEMM input)
+        qkv = cupy.empty((n, (nh + 2 * nkv) * hd), dtype=cupy.float32)
+        q = cupy.empty((n, nh, hd), dtype=cupy.float32)
+        att = cupy.empty((n, nh * hd), dtype=cupy.float32)
+        at16 = cupy.empty((n, nh * hd), dtype=cupy.float16)
+        gu = cupy.empty((n, 2 * ff), dtype=cupy.float32)
+        act16 = cupy.empty((n, ff), dtype=cupy.float16)
+        rope_items = n * (nh + 2 * nkv) * (hd // 2)
+        rope_grid = be._grid(rope_items, 256, 16384)
+        rope_fn = self._fn[f"pf_qkv_rope_store_{cache}"]
+        attn_fn = K.get_function("attention_prefill", f"attn_prefill_{cache}_hd{hd}")
+        norm_fn, swiglu_fn = self._fn["pf_rms_norm_f16"], self._fn["pf_swiglu_f16"]
+        swiglu_grid = be._grid(n * ff, 256, 16384)
+        att_grid = be._grid(n * nh * hd, 256, 8192)
+        scale = f32(1.0 / math.sqrt(hd))
+        handle = cupy.cuda.device.get_cublas_handle()
+        mode = cublas.getPointerMode(handle)
+        host_mode = getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0)
+        if mode != host_mode:
+            cublas.setPointerMode(handle, host_mode)
+        try:
+            for i, L in enumerate(self.layers):
+                norm_fn((n,), (256,), (x, L.attn_norm, xn16, i32(n), i32(d), eps))
+                self._gemm(cublas, handle, xn16, L.qkv, qkv, self._zero)
+                rope_fn(rope_grid, (256,), (qkv, L.qkv_bias, q, kc, vc, pos_dev, i32(n), i32(nh), i32(nkv),
+                                            i32(hd), i32(cfg.rope_dim), f32(cfg.rope_base),
+                                            i32(cfg.rope_style == "neox"), i32(i), i32(n_ctx), i32(start)))
+                attn_fn(((n + 15) // 16, nh), (128,), (q, kc, vc, att, i32(i), i32(n), i32(nh), i32(nkv),
+                                                       i32(n_ctx), i32(start), scale))
+                self._f32_to_f16(att_grid, (256,), (att, at16, np.int64(att.size)))
+                self._gemm(cublas, handle, at16, (L.o,), x, self._one)        # x += o-proj
+                norm_fn((n,), (256,), (x, L.ffn_norm, xn16, i32(n), i32(d), eps))
+                self._gemm(cublas, handle, xn16, L.gate_up, gu, self._zero)
+                swiglu_fn(swiglu_grid, (256,), (gu, act16, i32(n), i32(ff)))
+                self._gemm(cublas, handle, act16, (L.down,), x, self._one)    # x += down-proj
+        finally:
+            if mode != host_mode:
+                cublas.setPointerMode(handle, mode)
+        return x[-1:]
+
+
+_PREFILLS: "weakref.WeakKeyDictionary[Any, GpuPrefill | None]" = weakref.WeakKeyDictionary()
+
+
+def prefill_for(model) -> GpuPrefill | None:
+    """The model's fused prefill (built once), or None where it does not apply (CPU backend, no
+    f16 GEMMs, an unsupported head size or RoPE)."""
+    if getattr(model.backend, "name", None) != "cupy":
+        return None
+    try:
+        return _PREFILLS[model]
+    except KeyError:
+        pass
+    try:
+        pf = GpuPrefill(model)
+    except PrefillUnsupported:
+        pf = None
+    _PREFILLS[model] = pf
+    return pf

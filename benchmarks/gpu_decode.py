@@ -29,8 +29,8 @@ MODELS = [("smollm2", "SmolLM2-135M Q4_1", "llama", "smollm2-135m", "q4_1", 4846
           ("qwen0.5b", "Qwen2.5-0.5B Q4_K_M", "qwen2", "qwen2.5-0.5b", "q4_k_m", 41970, 852, 2.0),
           ("qwen7b", "Qwen2.5-7B Q4_K_M", "qwen2", "qwen2.5-7b", "q4_k_m", 9636, 281, 1.5)]
 
-TUNES = [{}, {"merge_max": 0}, {"ks": 1}, {"ks_units": 2}, {"pair": True}, {"pair": False},
-         {"out_lpr": 8}, {"out_lpr": 32}, {"blocks_per_sm": 16}]
+TUNES = [{}, {"pdl": False}, {"merge_max": 0}, {"ks": 1}, {"pair": True}, {"pair": False},
+         {"out_lpr": 8}, {"gate_up_threads": 256}]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
@@ -121,8 +121,9 @@ def bench_one(spec, args, bw):
         return run
 
     fd = FastDecoder(m, s)
-    r["mode"] = fd.mode
+    r["mode"] = fd.mode + ("+pdl" if getattr(fd, "pdl", False) else "")
     r["graph_error"] = fd.graph_error
+    r["pdl_error"] = getattr(fd, "pdl_error", None)
     r["launches_per_token"] = len(fd.plan.launches)
     r["weight_bytes_per_token"] = fd.weight_bytes_per_token
     fd.decode(tok0, 8)  # warm-up

@@ -99,6 +99,28 @@ RF_DEV void fd_prefetch(const void* p) {
 #endif
 }
 
+// Programmatic dependent launch (CUDA, sm_90+): the decode graph is captured with each kernel
+// launched with programmatic stream serialization (fast_decode.py), so a kernel's blocks may start
+// while the previous kernel of the step still runs. Everything before fd_pdl_wait() may only read
+// the weight arena, the state buffer and KV rows of earlier positions (nothing the step writes
+// before it); fd_pdl_wait() returns once the previous kernel has completed and its writes are
+// visible; fd_pdl_trigger() then lets the next kernel start its own prologue (weight prefetches).
+// Launched without the attribute (tests, eager mode, HIP) both are no-ops.
+RF_DEV void fd_pdl_wait() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+RF_DEV void fd_pdl_trigger() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+RF_DEV void fd_pdl_sync() {
+    fd_pdl_wait();
+    fd_pdl_trigger();
+}
+
 // ---- quantized activation vectors ------------------------------------------------------------
 // A vector x of n values (n % 32 == 0) is kept in global memory as h[n/4], l[n/4] (int words
 // holding bytes h_i / l_i of 4 consecutive values, q_i = 256 h_i + l_i), s[n/32] (the scale of each
@@ -201,7 +223,7 @@ RF_KERNEL void fd_quantize(const rf_u8* __restrict__ arena, const float* __restr
 // one L2 round trip and a block reduction, overlapped with its weight prefetches, and removes a
 // grid-wide atomic, a fence and a serial phase from every o-projection / down-projection launch.
 #define FD_XS_MAX 8192  // the largest d_model the staged kernels take (DecodePlan.check)
-#define FD_XS_REG 4     // 8-value groups per thread kept in registers between the two passes
+#define FD_XS_REG 2     // 8-value groups per thread kept in registers between the two passes
 struct alignas(16) FdXs {
     int h[FD_XS_MAX / 4];
     int l[FD_XS_MAX / 4];
@@ -248,29 +270,31 @@ RF_DEV void fd_ld8f(const float* p, float* o) {
 }
 
 // xs = quantized RMSNorm(src) * w (n <= FD_XS_MAX, n % 32 == 0, src and w 16-byte aligned): thread t
-// takes the 8-value groups t, t + blockDim, ... (the first FD_XS_REG of them stay in registers, so
-// src is read once: one round of independent 16-byte loads). The whole block calls; ends with a
+// takes the 8-value groups t, t + blockDim, ... (the products src * w of the first FD_XS_REG stay in
+// registers, so src is read once: one round of independent 16-byte loads). The whole block calls; ends with a
 // barrier, so the block may read xs at once. Arithmetic as norm.hip's rms_norm, then fd_quant32's.
 RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, FdXs* xs,
                          float* red) {
     const int n8 = n / 8, t = (int)threadIdx.x, bd = (int)blockDim.x;
-    float v[FD_XS_REG][8], wv[FD_XS_REG][8];
+    float z[FD_XS_REG][8];  // src * w (the norm scale applies after the block sum)
+    float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < FD_XS_REG; ++k) {
         const int g = t + k * bd;
+        float u[8], wu[8];
         if (g < n8) {
-            fd_ld8f(src + 8 * g, v[k]);
-            fd_ld8f(w + 8 * g, wv[k]);
+            fd_ld8f(src + 8 * g, u);
+            fd_ld8f(w + 8 * g, wu);
         } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) v[k][e] = wv[k][e] = 0.0f;
+            for (int e = 0; e < 8; ++e) u[e] = wu[e] = 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            ss += u[e] * u[e];
+            z[k][e] = u[e] * wu[e];
         }
     }
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < FD_XS_REG; ++k)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) ss += v[k][e] * v[k][e];
     for (int g = t + FD_XS_REG * bd; g < n8; g += bd) {  // blocks of < n / (8 FD_XS_REG) threads
         float u[8];
         fd_ld8f(src + 8 * g, u);
@@ -282,23 +306,22 @@ RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict_
 #pragma unroll
     for (int k = 0; k < FD_XS_REG; ++k) {
         if (k * bd < n8) {  // block-uniform
-            float z[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) z[e] = v[k][e] * inv * wv[k][e];
-            fd_quant8(z, t + k * bd, t + k * bd < n8, xs);
+            for (int e = 0; e < 8; ++e) z[k][e] *= inv;
+            fd_quant8(z[k], t + k * bd, t + k * bd < n8, xs);
         }
     }
     for (int g0 = FD_XS_REG * bd; g0 < n8; g0 += bd) {  // block-uniform
         const int g = g0 + t;
         const bool ok = g < n8;
-        float z[8], u[8], wu[8];
+        float y[8], u[8], wu[8];
         if (ok) {
             fd_ld8f(src + 8 * g, u);
             fd_ld8f(w + 8 * g, wu);
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) z[e] = ok ? u[e] * inv * wu[e] : 0.0f;
-        fd_quant8(z, g, ok, xs);
+        for (int e = 0; e < 8; ++e) y[e] = ok ? u[e] * wu[e] * inv : 0.0f;
+        fd_quant8(y, g, ok, xs);
     }
     __syncthreads();
     FdX X;
@@ -315,14 +338,17 @@ RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict_
 // h, :], w_sh = e^(m_sh - M_h) / sum_s e^(m_sh - M_h) l_sh, quantized into xs (8-value groups, as
 // fd_stage_norm). Needs nsv * n_head * head_dim <= FD_MERGE_MAX, n_head * head_dim <= FD_XS_MAX.
 #define FD_MERGE_MAX 12288
-#define FD_MERGE_SR 8  // splits per round of independent loads
+#define FD_MERGE_SR 8      // splits per round of independent loads
+#define FD_MERGE_PART 2048 // shared partial sums when several threads share an 8-value group
+// acc += the weighted partials of splits s_first, s_first + step, ... (FD_MERGE_SR of them) of group g
 RF_DEV void fd_merge_round(const float* __restrict__ pa, const float* mw, int n, int n_head, int h, int g, bool ok,
-                           int s0, int nsv, float* acc) {
+                           int s_first, int step, int nsv, float* acc) {
     float a[FD_MERGE_SR][8];
 #pragma unroll
     for (int k = 0; k < FD_MERGE_SR; ++k) {
-        if (ok && s0 + k < nsv) {
-            fd_ld8f(pa + (rf_i64)(s0 + k) * n + 8 * g, a[k]);
+        const int sp = s_first + k * step;
+        if (ok && sp < nsv) {
+            fd_ld8f(pa + (rf_i64)sp * n + 8 * g, a[k]);
         } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e) a[k][e] = 0.0f;
@@ -330,25 +356,32 @@ RF_DEV void fd_merge_round(const float* __restrict__ pa, const float* mw, int n,
     }
 #pragma unroll
     for (int k = 0; k < FD_MERGE_SR; ++k) {
-        const float wk = (ok && s0 + k < nsv) ? mw[2 * ((s0 + k) * n_head + h)] : 0.0f;
+        const int sp = s_first + k * step;
+        const float wk = (ok && sp < nsv) ? mw[2 * (sp * n_head + h)] : 0.0f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = fmaf(wk, a[k][e], acc[e]);
     }
 }
 
+// Threads take 8-value groups; where the block has P >= 2 threads per group (small vectors), the
+// P threads of a group split its splits (fewer dependent rounds) and meet in shared memory.
 RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict__ pm, int nsv, int n_head, int hd,
                           FdXs* xs) {
     __shared__ float mw[2 * FD_MERGE_MAX / 32];  // (m, l) per split and head, then the weights
     __shared__ float hm[FD_MERGE_MAX / 32], hinv[FD_MERGE_MAX / 32];
+    __shared__ float part[FD_MERGE_PART];
     const int t = (int)threadIdx.x, bd = (int)blockDim.x, n = n_head * hd, n8 = n / 8;
+    const int P = max(1, min(bd / n8, min(nsv, 1 + FD_MERGE_PART / n)));
+    const int sp = t / n8, g = t - sp * n8;  // this thread's split part and group
+    const bool own = sp < P;
+    const int h0 = own ? 8 * g / hd : 0;
     // the first round of this thread's first group: loaded before the weights are known
-    const bool own = t < n8;
-    const int h0 = own ? 8 * t / hd : 0;
     float a0[FD_MERGE_SR][8];
 #pragma unroll
     for (int k = 0; k < FD_MERGE_SR; ++k) {
-        if (own && k < nsv) {
-            fd_ld8f(pa + (rf_i64)k * n + 8 * t, a0[k]);
+        const int s = sp + k * P;
+        if (own && s < nsv) {
+            fd_ld8f(pa + (rf_i64)s * n + 8 * g, a0[k]);
         } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e) a0[k][e] = 0.0f;
@@ -358,11 +391,11 @@ RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict_
     __syncthreads();
     for (int h = t; h < n_head; h += bd) {
         float M = -RF_INF;
-        for (int sp = 0; sp < nsv; ++sp) M = fmaxf(M, mw[2 * (sp * n_head + h)]);
+        for (int s = 0; s < nsv; ++s) M = fmaxf(M, mw[2 * (s * n_head + h)]);
         float Ls = 0.0f;
-        for (int sp = 0; sp < nsv; ++sp) {
-            const float m = mw[2 * (sp * n_head + h)];
-            Ls += m == -RF_INF ? 0.0f : expf(m - M) * mw[2 * (sp * n_head + h) + 1];
+        for (int s = 0; s < nsv; ++s) {
+            const float m = mw[2 * (s * n_head + h)];
+            Ls += m == -RF_INF ? 0.0f : expf(m - M) * mw[2 * (s * n_head + h) + 1];
         }
         hm[h] = M;
         hinv[h] = Ls > 0.0f ? 1.0f / Ls : 0.0f;
@@ -380,22 +413,37 @@ RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict_
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
 #pragma unroll
         for (int k = 0; k < FD_MERGE_SR; ++k) {
-            const float wk = (own && k < nsv) ? mw[2 * (k * n_head + h0)] : 0.0f;
+            const int s = sp + k * P;
+            const float wk = (own && s < nsv) ? mw[2 * (s * n_head + h0)] : 0.0f;
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[e] = fmaf(wk, a0[k][e], acc[e]);
         }
-        for (int s0 = FD_MERGE_SR; s0 < nsv; s0 += FD_MERGE_SR) fd_merge_round(pa, mw, n, n_head, h0, t, own, s0, nsv, acc);
-        fd_quant8(acc, t, own, xs);
+        for (int s0 = sp + FD_MERGE_SR * P; s0 < nsv; s0 += FD_MERGE_SR * P)
+            fd_merge_round(pa, mw, n, n_head, h0, g, own, s0, P, nsv, acc);
+        if (P > 1) {  // block-uniform
+            if (own && sp > 0) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) part[(sp - 1) * n + 8 * g + e] = acc[e];
+            }
+            __syncthreads();
+            if (sp == 0) {
+                for (int q = 0; q < P - 1; ++q) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[e] += part[q * n + 8 * g + e];
+                }
+            }
+        }
+        fd_quant8(acc, g, own && sp == 0, xs);  // quads of consecutive lanes: sp == 0 lanes are t < n8
     }
-    for (int gb = bd; gb < n8; gb += bd) {  // block-uniform: vectors of more than 8 * blockDim values
-        const int g = gb + t;
-        const bool ok = g < n8;
-        const int h = ok ? 8 * g / hd : 0;
+    for (int gb = bd; gb < n8; gb += bd) {  // block-uniform: vectors of more than 8 * blockDim values (P = 1)
+        const int gg = gb + t;
+        const bool ok = gg < n8;
+        const int h = ok ? 8 * gg / hd : 0;
         float acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-        for (int s0 = 0; s0 < nsv; s0 += FD_MERGE_SR) fd_merge_round(pa, mw, n, n_head, h, g, ok, s0, nsv, acc);
-        fd_quant8(acc, g, ok, xs);
+        for (int s0 = 0; s0 < nsv; s0 += FD_MERGE_SR) fd_merge_round(pa, mw, n, n_head, h, gg, ok, s0, 1, nsv, acc);
+        fd_quant8(acc, gg, ok, xs);
     }
     __syncthreads();
     FdX X;
@@ -772,34 +820,16 @@ __device__ FD_NOINLINE float fd_dot_one(int t, const rf_u8* ra, FdX X, int cols,
     return a;
 }
 
-// byte offset of unit `it` (approximate, for prefetching) and the type's block geometry
-RF_DEV rf_i64 fd_unit_byte(int t, int it) {
-    int bs = 0, upb = 1;
-    switch (t) {
-        case RF_T_F32: bs = 128; break;
-        case RF_T_F16: case RF_T_BF16: bs = 64; break;
-        case RF_T_Q4_0: bs = 18; break;
-        case RF_T_Q4_1: bs = 20; break;
-        case RF_T_Q5_0: bs = 22; break;
-        case RF_T_Q5_1: bs = 24; break;
-        case RF_T_Q8_0: bs = 34; break;
-        case RF_T_MXFP4: bs = 17; break;
-        case RF_T_Q2_K: bs = 84; upb = 8; break;
-        case RF_T_Q3_K: bs = 110; upb = 8; break;
-        case RF_T_Q4_K: bs = 144; upb = 8; break;
-        case RF_T_Q5_K: bs = 176; upb = 8; break;
-        case RF_T_Q6_K: bs = 210; upb = 8; break;
-        default: break;
-    }
-    return (rf_i64)(it / upb) * bs + (rf_i64)(it % upb) * (bs / upb);
-}
-
-// prefetch this lane's first unit of rows ra / rb (the first task of the group)
-RF_DEV void fd_prefetch_rows(int t, const rf_u8* ra, const rf_u8* rb, int cols, int gl) {
-    if (gl < cols / 32) {
-        const rf_i64 o = fd_unit_byte(t, gl);
+// prefetch rows ra / rb (nbytes each) into L2: lane gl of `lanes` takes the 128-byte lines gl,
+// gl + lanes, ... (at most FD_PF_MAX per row), so a group's loads of its first task find them there
+#define FD_PF_MAX 8
+RF_DEV void fd_prefetch_rows(const rf_u8* ra, const rf_u8* rb, rf_i64 nbytes, int gl, int lanes) {
+    const rf_i64 a0 = (rf_i64)(unsigned long long)ra & 127;
+    int k = 0;
+    for (rf_i64 o = 128 * (rf_i64)gl - a0; o < nbytes && k < FD_PF_MAX; o += 128 * (rf_i64)lanes, ++k) {
         fd_prefetch(ra + o);
-        if (rb != nullptr) fd_prefetch(rb + o);
+        const rf_i64 ob = o + a0 - ((rf_i64)(unsigned long long)rb & 127);  // the same line index in row rb
+        if (rb != nullptr && ob < nbytes) fd_prefetch(rb + ob);
     }
 }
 
@@ -883,9 +913,10 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
         if (task < n_tasks) {
             FD_QKV_TASK(task)
             (void)rot; (void)boff;
-            fd_prefetch_rows(ty, arena + off + (rf_i64)row_a * rbytes, arena + off + (rf_i64)row_b * rbytes, d, gl);
+            fd_prefetch_rows(arena + off + (rf_i64)row_a * rbytes, arena + off + (rf_i64)row_b * rbytes, rbytes, gl, lpr);
         }
     }
+    fd_pdl_sync();
     const int done = state[FD_ST_DONE], pos = state[FD_ST_POS];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) return;
@@ -1095,8 +1126,20 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
         const int j = 16 * sw + k;
         if (j0 + j < n_ctx) vraw[k].load(vb + (rf_i64)j * HD + l32 * KPL);
     }
+    fd_pdl_sync();
     if (state[FD_ST_DONE]) return;
     const int L = state[FD_ST_POS] + 1;
+    // the row at pos was written by fd_qkv, possibly after the loads above (programmatic launch)
+    if (j0 + jj == L - 1) {
+        const fd_u4* src = (const fd_u4*)(kb + (rf_i64)jj * HD + hf * (HD / 2));
+#pragma unroll
+        for (int w = 0; w < KRW; ++w) kraw[w] = src[w];
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        const int j = 16 * sw + k;
+        if (j0 + j == L - 1) vraw[k].load(vb + (rf_i64)j * HD + l32 * KPL);
+    }
     const int nj = max(0, min(FD_ATT_KEYS, L - j0));
     if (nj > 0) {
         for (int t = tid; t < G * HD; t += 128) qsh[t] = q[(rf_i64)h0 * HD + t] * scale;
@@ -1332,9 +1375,9 @@ RF_DEV void fd_matvec_prefetch(const rf_u8* arena, int t, rf_i64 off, rf_i64 rb,
     const int task = blockIdx.x * gpb + slot;
     if (task < n_tasks && slot < gpb) {
         const int ra = pair ? 2 * task : task;
-        fd_prefetch_rows(t, arena + off + (rf_i64)ra * rb,
-                         pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, cols,
-                         (g % ks) * lpr + gl);
+        fd_prefetch_rows(arena + off + (rf_i64)ra * rb,
+                         pair && ra + 1 < rows ? arena + off + (rf_i64)(ra + 1) * rb : nullptr, rb,
+                         (g % ks) * lpr + gl, ks * lpr);
     }
 }
 
@@ -1407,6 +1450,7 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     __shared__ float red[32];
     __shared__ int s_last;
     fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
+    fd_pdl_sync();
     if (state != nullptr && state[FD_ST_DONE]) return;
     FdX X;
     X.h = xh;
@@ -1451,6 +1495,7 @@ RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict
                           int hd, int merge_max, int pair, int lpr, int ks) {
     __shared__ FdXs xsh;
     fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
+    fd_pdl_sync();
     if (state[FD_ST_DONE]) return;
     const int nsv = (state[FD_ST_POS] + FD_ATT_KEYS) / FD_ATT_KEYS;
     FdX X;
@@ -1489,9 +1534,12 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
     const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
     const int r0 = 32 * blockIdx.x;
     if (g < 32) {
-        fd_prefetch_rows(tg, arena + offg + (rf_i64)(r0 + g) * rbg, nullptr, d, gl);
-        fd_prefetch_rows(tu, arena + offu + (rf_i64)(r0 + g) * rbu, nullptr, d, gl);
+        for (int k = g; k < 32; k += gpb) {  // every row of this group
+            fd_prefetch_rows(arena + offg + (rf_i64)(r0 + k) * rbg, nullptr, rbg, gl, lpr);
+            fd_prefetch_rows(arena + offu + (rf_i64)(r0 + k) * rbu, nullptr, rbu, gl, lpr);
+        }
     }
+    fd_pdl_sync();
     const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) return;
@@ -1576,9 +1624,10 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
     {
         const int task = blockIdx.x * gpb + g;
         if (task < n_tasks)
-            fd_prefetch_rows(t, arena + off + (rf_i64)(2 * task) * rb,
-                             2 * task + 1 < vocab ? arena + off + (rf_i64)(2 * task + 1) * rb : nullptr, d, gl);
+            fd_prefetch_rows(arena + off + (rf_i64)(2 * task) * rb,
+                             2 * task + 1 < vocab ? arena + off + (rf_i64)(2 * task + 1) * rb : nullptr, rb, gl, lpr);
     }
+    fd_pdl_sync();
     const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) return;

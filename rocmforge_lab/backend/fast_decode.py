@@ -441,11 +441,77 @@ class _CupyExec:
             fn(grid, block, args)
 
 
+class _PdlLauncher:
+    """Kernel launches with programmatic dependent launch (CUDA driver `cuLaunchKernelEx` with
+    CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, through ctypes: CuPy has no launch
+    attributes). Used while capturing the decode graph, so each kernel's prologue (weight prefetches,
+    before `fd_pdl_wait` in kernels/fused_decode.hip) overlaps the end of the previous kernel. The
+    arguments of each launch are marshalled once (`prepare`)."""
+
+    _ATTR_PSS = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+    def __init__(self):
+        import ctypes
+
+        class Attr(ctypes.Structure):  # CUlaunchAttribute: id, 4 bytes padding, 64-byte value union
+            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+        class Config(ctypes.Structure):  # CUlaunchConfig
+            _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint),
+                        ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
+                        ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)),
+                        ("n_attrs", ctypes.c_uint)]
+
+        self.ct = ctypes
+        self.Config = Config
+        lib = ctypes.CDLL("libcuda.so.1")
+        self._launch = lib.cuLaunchKernelEx
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.attr = Attr()
+        self.attr.id = self._ATTR_PSS
+        self.attr.value[0] = 1
+
+    def prepare(self, fn, grid, block, args):
+        """(function pointer, grid, block, void** params, the ctypes values they point to)."""
+        import cupy
+
+        ct = self.ct
+        vals = []
+        for a in args:
+            if a is None:
+                vals.append(ct.c_void_p(None))
+            elif isinstance(a, cupy.ndarray):
+                vals.append(ct.c_void_p(a.data.ptr))
+            elif isinstance(a, np.int32):
+                vals.append(ct.c_int32(int(a)))
+            elif isinstance(a, np.int64):
+                vals.append(ct.c_int64(int(a)))
+            elif isinstance(a, np.float32):
+                vals.append(ct.c_float(float(a)))
+            else:
+                raise TypeError(f"PDL launch: argument of type {type(a).__name__}")
+        params = (ct.c_void_p * max(1, len(vals)))(*[ct.cast(ct.pointer(v), ct.c_void_p) for v in vals])
+        fptr = getattr(fn, "kernel", fn).ptr
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        b = tuple(block) + (1,) * (3 - len(block))
+        return fptr, g, b, params, vals
+
+    def launch(self, prepared, stream_ptr: int) -> None:
+        fptr, g, b, params, _ = prepared
+        cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], 0, stream_ptr, self.ct.pointer(self.attr), 1)
+        rc = self._launch(self.ct.byref(cfg), self.ct.c_void_p(fptr), params, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {rc})")
+
+
 class FastDecoder:
     """The graphed greedy decode loop of one session (see the module docstring).
 
     `mode` is "graph" when the step was captured as a CUDA/HIP graph, else "eager" (same kernels,
-    launched one by one from Python); `graph_error` says why capture failed.
+    launched one by one from Python); `graph_error` says why capture failed. `pdl` is True when the
+    graph's kernels were captured with programmatic dependent launch (CUDA, compute capability >=
+    9.0, tune "pdl" not False); `pdl_error` says why not where it was tried and failed.
     """
 
     def __init__(self, model, session, graph: bool = True, chunk: int = 8, window: int = 2,
@@ -483,6 +549,8 @@ class FastDecoder:
         self.mode = "eager"
         self.graph_error: str | None = None
         self.graph = None
+        self.pdl = False
+        self.pdl_error: str | None = None
         self._warm()
         if graph:
             self._capture()
@@ -505,17 +573,43 @@ class FastDecoder:
             self.exec.launch_all()
         self._sync("fast decode warm-up")
 
+    def _pdl_wanted(self) -> bool:
+        import cupy
+
+        if not self.plan.tune.get("pdl", True) or getattr(self.backend, "is_hip", False):
+            return False
+        try:
+            return int(cupy.cuda.Device().compute_capability) >= 90
+        except Exception:
+            return False
+
     def _capture(self) -> None:
+        self.pdl = False
+        self.pdl_error = None
+        if self._pdl_wanted():
+            try:
+                pl = _PdlLauncher()
+                prepared = [pl.prepare(*c) for c in self.exec.calls]
+                self._capture_with(lambda: [pl.launch(p, self.stream.ptr) for p in prepared])
+                self._pdl_keep = (pl, prepared)  # the marshalled arguments outlive the capture
+                self.pdl = True
+                return
+            except Exception as exc:  # no driver entry point / attribute: plain launches
+                self.pdl_error = f"{type(exc).__name__}: {exc}"
+        self._capture_with(self.exec.launch_all)
+
+    def _capture_with(self, launch) -> None:
         s = self.stream
         try:
             with s:
                 s.begin_capture()
                 try:
-                    self.exec.launch_all()
+                    launch()
                 finally:
                     g = s.end_capture()
             self.graph = g
             self.mode = "graph"
+            self.graph_error = None
         except Exception as exc:  # no graph support: eager launches
             self.graph = None
             self.mode = "eager"
@@ -525,6 +619,8 @@ class FastDecoder:
                     s.end_capture()
             except Exception:
                 pass
+            if self.pdl_error is None and self._pdl_wanted():
+                raise  # let _capture retry without programmatic launches
 
     def valid_for(self, session) -> bool:
         return (self.session_ref() is session and

@@ -158,15 +158,19 @@ def test_emu_fused_gate_up(qpair):
     assert np.all(act2 == 7.0)
 
 
-@pytest.mark.parametrize("ws,merge_max", [(32, 12288), (32, 0), (64, 12288)])
-def test_emu_attention_then_oproj(ws, merge_max):
-    """fd_attn over 4 key splits, then fd_oproj: resid += W_o attention. merge_max 12288: every o-proj
-    block merges the split partials itself (late merge); 0: fd_attn's last block merges into xa."""
+@pytest.mark.parametrize("ws,merge_max,nh,n_ctx,pos,threads", [
+    (32, 12288, 4, 256, 200, 64),    # 4 splits, 4 threads per 8-value group share them
+    (32, 0, 4, 256, 200, 64),        # the attention's own merge
+    (64, 12288, 4, 256, 200, 128),
+    (32, 12288, 16, 640, 600, 32)])  # 10 splits (two load rounds), more groups than threads
+def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads):
+    """fd_attn over several 64-key splits (the last one partial), then fd_oproj: resid += W_o attention.
+    merge_max 12288: every o-proj block merges the split partials itself (late merge); 0: fd_attn's
+    last block merges into xa."""
     import math
 
     rng = np.random.default_rng(14)
-    nh, nkv, hd, n_ctx, layer = 4, 2, 32, 256, 0
-    pos = 200  # keys 0..200: splits 0..3, the last one partial
+    nkv, hd, layer = 2, 32, 0
     d = 64
     kc = (0.5 * rng.standard_normal((1, nkv, n_ctx, hd))).astype(np.float32)
     vc = rng.standard_normal((1, nkv, n_ctx, hd)).astype(np.float32)
@@ -194,7 +198,7 @@ def test_emu_attention_then_oproj(ws, merge_max):
         assert np.all(np.isnan(out))  # nothing merged here
     base = rng.standard_normal(d).astype(np.float32)
     y = base.copy()
-    mod(ws).launch("fd_oproj", (3,), (64 if ws == 32 else 128,), arena, state, QTYPE_ID["Q8_0"], w_off,
+    mod(ws).launch("fd_oproj", (3,), (threads,), arena, state, QTYPE_ID["Q8_0"], w_off,
                    R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
     ref = wo @ want + base
     tol = 1e-4 * (np.abs(wo) @ np.abs(want) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(want).max()

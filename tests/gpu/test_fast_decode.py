@@ -289,6 +289,7 @@ def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape):
     fd = FastDecoder(m, s_fast)
     if not m.backend.is_hip:
         assert fd.mode == "graph", fd.graph_error
+        assert fd.pdl == fd._pdl_wanted(), fd.pdl_error  # programmatic dependent launch on sm_90+
     tok = 17
     worst = 0.0
     for step in range(6):
@@ -298,7 +299,8 @@ def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape):
         assert s_fast.n_past == s_step.n_past
         tok = int(np.argmax(ref))
     assert worst < 1e-2, worst
-    print(f"{arch} {qtype} {shape}: max relative L2 of logits fast vs step over 6 steps = {worst:.2e} ({fd.mode})")
+    print(f"{arch} {qtype} {shape}: max relative L2 of logits fast vs step over 6 steps = {worst:.2e} ({fd.mode}, "
+          f"pdl {fd.pdl})")
 
 
 def _step_greedy(session, tok, n):
@@ -324,6 +326,7 @@ def test_fast_greedy_tokens_equal_step_tokens(tmp_path_factory, arch, qtype, gra
     s_fast.forward(prompt, last_only=True)
     fd = FastDecoder(m, s_fast, graph=graph, chunk=3)
     assert fd.mode == ("graph" if graph and not m.backend.is_hip else fd.mode)
+    assert fd.pdl == (graph and fd.mode == "graph" and fd._pdl_wanted()), fd.pdl_error
     ref, margins = _step_greedy(s_step, 42, 32)
     got = fd.decode(42, 32)
     assert len(got) == 32 and s_fast.n_past == s_step.n_past == len(prompt) + 32

@@ -4,22 +4,28 @@
 // reads the position / token id / "done" flag from device memory (`state` = [pos, token, done]),
 // so the sequence can be captured once as a CUDA/HIP graph and replayed per token:
 //
-//   fd_qkv_<c>       RMSNorm (prologue, per block) + Q/K/V matvecs (+ bias) + RoPE (cos/sin table)
-//                    + KV-cache append at state.pos; q -> q_out
+//   fd_qkv_<c>       RMSNorm of the residual (every block stages it itself: fd_stage_norm) + Q/K/V
+//                    matvecs (+ bias) + RoPE (cos/sin table) + KV-cache append at state.pos; q -> q_out
 //   fd_attn_<c>_hd<D> split-K decode attention over positions 0..pos (GQA-aware: each K/V row is
-//                    read once per group); the last block of each KV head merges the partials
-//   fd_matvec        o-projection / down-projection matvec + residual add (y += W x), or a plain
-//                    matvec (+ bias): also the kernel the per-type NumPy-reference tests use
-//   fd_gate_up       RMSNorm (prologue) + gate and up matvecs + SwiGLU -> act
-//   fd_output        RMSNorm (prologue) + output matvec -> logits + block argmax partials; the last
-//                    block picks the token (lowest index on ties, like numpy.argmax), writes it to
-//                    tokens_out[pos] and state.token, sets state.done on a stop id, advances
-//                    state.pos, and writes the token's embedding row into resid (next step's input)
+//                    read once per group) -> per-split partials; only where the partials exceed
+//                    merge_max does the last block of each KV head merge them (else fd_oproj does)
+//   fd_oproj         o-projection + residual add; each block merges the attention partials itself
+//                    (fd_stage_merge) while they are small, else reads the merged, quantized vector
+//   fd_matvec        down-projection matvec + residual add (y += W x), or a plain matvec (+ bias):
+//                    also the kernel the per-type NumPy-reference tests use
+//   fd_gate_up       RMSNorm (staged per block) + gate and up matvecs + SwiGLU -> act (+ quantized)
+//   fd_output        RMSNorm (staged per block) + output matvec -> logits + block argmax partials;
+//                    the last block picks the token (lowest index on ties, like numpy.argmax),
+//                    writes it to tokens_out[pos] and state.token, sets state.done on a stop id,
+//                    advances state.pos, and writes the token's embedding row into resid
 //   fd_embed         resid = embedding row of state.token (once, before the first step)
 //   (<c> = f16 | f32: the KV cache element type; <D> = head_dim 32 | 64 | 128)
+// On CUDA sm_90+ the graph launches them with programmatic dependent launch: each kernel prefetches
+// weights, then fd_pdl_wait()s for its predecessor (see fd_pdl_wait).
 //
-// Activations in the matvecs. Each block stages its input vector x (normalized first where the
-// kernel fuses the RMSNorm) in shared memory as 16-bit integers per 32-value block:
+// Activations in the matvecs. A matvec's input vector x is held as 16-bit integers per 32-value
+// block (staged in shared memory by each block where the kernel normalizes the residual or merges
+// the attention partials itself, else written to global memory by the producing kernel):
 //   x_i ~= s_b * q_i,  q_i = round(x_i / s_b) in [-32639, 32639],  s_b = max|x_b| / 32639,
 // stored as two signed bytes h_i, l_i with q_i = 256 h_i + l_i, plus the exact f32 sum of every
 // 16 values. A weight row's integer quants are dotted with the h and l bytes by 4-way byte dot

@@ -6,17 +6,30 @@
     for tok in fd.stream(first_token, 128, stop_ids): ...  # tokens as they arrive (a few behind)
 
 How one decode step runs (kernels/fused_decode.hip): `n_layer * 5 + 1` launches over fixed
-buffers -- per layer qkv (Q/K/V matvecs + bias + RoPE + KV append), attention (split-K over 64-key
-blocks, the last block of each KV head merges), o-proj + residual, gate/up + SwiGLU, down +
-residual; then the output kernel (output matvec + argmax; its last block writes the next token and
-that token's embedding). Activations cross kernels as 16-bit integers per 32-value block: the
-kernel that produces a vector quantizes it (the last block of o-proj/down applies the next RMSNorm
-first), so consumers stream their weights at once and dot them with dp4a. Every kernel reads the
-position, the input token and a "done" flag from a small device `state` buffer, and the output
-kernel writes the next token into it (and into `tokens[pos]`), so the sequence is captured once as
-a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed per token with no host
-work but `graph.launch`. Where capture fails (a CuPy build or platform without graph support) the
-same launch list runs eagerly; `FastDecoder.mode` says which ("graph" or "eager").
+buffers -- per layer qkv (RMSNorm + Q/K/V matvecs + bias + RoPE + KV append), attention (split-K
+over 64-key blocks), o-proj (+ residual), gate/up + SwiGLU, down (+ residual); then the output kernel
+(RMSNorm + output matvec + argmax; its last block writes the next token and that token's embedding
+into the residual). No kernel has a serial "last block" phase but the output's argmax:
+  * the residual's consumers (qkv, gate/up, output) normalize it themselves: every block reads the
+    d_model floats of `resid` from L2, computes the RMSNorm and quantizes it into shared memory
+    (16-bit integers per 32-value block, 8 values per thread), so o-proj / down just add their rows;
+  * attention writes per-split partials (max, sum, V accumulation) and, while the valid splits x
+    n_head x head_dim stay <= MERGE_MAX (12288 floats: the small models' contexts of ~1-2k tokens),
+    every o-proj block merges them itself ("late merge"); beyond that the attention's last block per
+    KV head merges and quantizes its output (`DecodePlan.merge_max`; both kernels decide from the
+    position, so one graph serves every position);
+  * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection.
+Matvecs stream their weights from the GGUF block layout with dp4a on the staged activations; long
+rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the 7B's down rows).
+Every kernel reads the position, the input token and a "done" flag from a small device `state`
+buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
+sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
+per token with no host work but `graph.launch`. On CUDA devices of compute capability >= 9.0 the
+kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
+programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
+previous kernel finishes, then waits for it (`fd_pdl_wait`). Where capture fails (a CuPy build or
+platform without graph support) the same launch list runs eagerly; `FastDecoder.mode` says which
+("graph" or "eager"), `FastDecoder.pdl` whether the graph uses programmatic launches.
 
 Per token the loop makes no device allocation and no host-device synchronisation: the host
 launches replays ahead, and every `chunk` tokens an asynchronous copy of the new token ids into
@@ -171,11 +184,12 @@ class DecodePlan:
         except KeyError:
             raise FastPathUnsupported(f"tensor '{name}' missing from the weight table") from None
 
-    def _shape(self, n_tasks: int, lpr: int, min_threads: int = 0) -> tuple[tuple[int], tuple[int]]:
+    def _shape(self, n_tasks: int, lpr: int, min_threads: int = 0,
+               per_sm: int | None = None) -> tuple[tuple[int], tuple[int]]:
         """(grid, block) for n_tasks row tasks of lpr lanes: 256 threads (tune: "small_threads" when
-        that leaves fewer blocks than multiprocessors), at most 8 blocks per multiprocessor
-        (grid-stride beyond). Measured on an H200: 256 threads beat 128 and 64 for every model."""
-        cap = self.tune.get("blocks_per_sm", 8) * self.n_sm
+        that leaves fewer blocks than multiprocessors), at most `per_sm` (default 8) blocks per
+        multiprocessor (grid-stride beyond). Measured on an H200: 256 threads beat 128 and 64."""
+        cap = min(per_sm or 8, self.tune.get("blocks_per_sm", 8)) * self.n_sm
         threads = max(self.tune.get("threads", 256), min_threads)
         blocks = -(-n_tasks // (threads // lpr))
         if blocks < self.n_sm:
@@ -187,8 +201,12 @@ class DecodePlan:
     def out_blocks_max(self) -> int:
         return self.tune.get("blocks_per_sm", 8) * self.n_sm
 
-    def _lpr(self, cols: int) -> int:
-        return min(lanes_per_row(cols, self.warp_size), self.tune.get("lpr_max", 32))
+    def _lpr(self, cols: int, boost: bool = True) -> int:
+        """Lanes per row group; tune "lpr_min" raises it (not for gate/up, whose blocks hold 32 rows)."""
+        lpr = min(lanes_per_row(cols, self.warp_size), self.tune.get("lpr_max", 32))
+        if boost:
+            lpr = max(lpr, min(int(self.tune.get("lpr_min", 8)), self.warp_size, 32))
+        return lpr
 
     @property
     def n_split(self) -> int:
@@ -273,7 +291,7 @@ class DecodePlan:
             wo = self._w(p + "attn_output.weight")
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
-            lpr = self._lpr(d)
+            lpr = self._lpr(d, boost=False)
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (
@@ -289,7 +307,10 @@ class DecodePlan:
             L.append(self._matvec(wd, "xf", p + "down", "down"))
         wout = self._w("token_embd.weight" if cfg.tied_output else "output.weight")
         lpr = min(int(self.tune.get("out_lpr", self._lpr(d))), self.warp_size)
-        grid, block = self._shape(-(-V // 2), lpr)
+        # one wave of blocks that loop over the rows (H200: 3 blocks of 256 threads fit a
+        # multiprocessor at ~80 registers): every block stages the normalized x once and the
+        # argmax has fewer partials, instead of 2.7 waves of short blocks
+        grid, block = self._shape(-(-V // 2), lpr, per_sm=int(self.tune.get("out_blocks_per_sm", 3)))
         L.append(Launch(
             f"fd_output{any_(wout)}", grid, block,
             (Buf("arena"), Buf("state"), Buf("resid"), norm("output_norm.weight"), eps, _i32(d),

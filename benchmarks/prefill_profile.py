@@ -51,7 +51,7 @@ def profile_one(spec, args) -> None:
     wall = statistics.median(walls)
     fused(s, prompt[:16])
     walls_f = []
-    for _ in range(5):
+    for _ in range(15):
         s.reset()
         cupy.cuda.Device().synchronize()
         t = time.perf_counter()

@@ -8,6 +8,7 @@
 //     K and V tiles of BK = 4096 / HD keys are staged in shared memory (f32, 32 KiB) and shared
 //     by the block's 16 queries; each query keeps a running max m, sum l and output acc:
 //       m' = max(m, s); acc = acc * e^(m - m') + e^(s - m') v; l = l * e^(m - m') + e^(s - m')
+//     (computed as powers of 2 of scores scaled by log2 e, two keys per step).
 //     out = acc / l. GQA by indexing (KV head h / (n_head / n_head_kv)).
 //   HD in {64, 80, 96, 112, 128, 256}; other head sizes use the three-op path.
 // Reference: float64 causal softmax(q K^T * scale) V in tests/gpu/test_attention_fused.py.
@@ -16,6 +17,22 @@
 #define RF_PF_BQ 16
 #define RF_PF_TPQ 8
 #define RF_PF_TILE 4096
+
+// eight cache values (16-byte aligned) as floats
+RF_DEV void pf_load8(const rf_u16* p, float* out) {
+    const rf_f4 r = *(const rf_f4*)p;
+    const rf_u32 w[4] = {__float_as_uint(r.x), __float_as_uint(r.y), __float_as_uint(r.z), __float_as_uint(r.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = rf_h2f((rf_u16)(w[i] & 0xffffu));
+        out[2 * i + 1] = rf_h2f((rf_u16)(w[i] >> 16));
+    }
+}
+RF_DEV void pf_load8(const float* p, float* out) {
+    const rf_f4 a = *(const rf_f4*)p, b = *(const rf_f4*)(p + 4);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
 
 template <class C, int HD>
 RF_DEV void attn_prefill_impl(const float* __restrict__ q, const C* __restrict__ kc, const C* __restrict__ vc,
@@ -33,10 +50,11 @@ RF_DEV void attn_prefill_impl(const float* __restrict__ q, const C* __restrict__
     const int qi = q0 + tid / RF_PF_TPQ;
     const bool live = qi < n;
 
+    const float scale_log2 = scale * 1.4426950408889634f;  // softmax via exp2: e^x = 2^(x log2 e)
     float qr[DPT], acc[DPT];
 #pragma unroll
     for (int k = 0; k < DPT; ++k) {
-        qr[k] = live ? q[((rf_i64)qi * n_head + h) * HD + sub + RF_PF_TPQ * k] * scale : 0.0f;
+        qr[k] = live ? q[((rf_i64)qi * n_head + h) * HD + sub + RF_PF_TPQ * k] * scale_log2 : 0.0f;
         acc[k] = 0.0f;
     }
     float m = -RF_INF, l = 0.0f;
@@ -47,24 +65,65 @@ RF_DEV void attn_prefill_impl(const float* __restrict__ q, const C* __restrict__
 
     for (int t0 = 0; t0 < kend; t0 += BK) {
         __syncthreads();  // previous tile fully consumed
-        for (int idx = tid; idx < BK * HD; idx += blockDim.x) {
-            const int j = t0 + idx / HD;
-            const rf_i64 src = cache_off + (rf_i64)j * HD + idx % HD;
-            ks[idx] = j < kend ? rf_load(kc + src) : 0.0f;
-            vs[idx] = j < kend ? rf_load(vc + src) : 0.0f;
+        // the tile's keys are contiguous in the cache: 16-byte loads, all issued before any store
+        const int valid = min(BK, kend - t0) * HD;  // a multiple of 8
+        const C* ksrc = kc + cache_off + (rf_i64)t0 * HD;
+        const C* vsrc = vc + cache_off + (rf_i64)t0 * HD;
+#pragma unroll 4
+        for (int e = tid * 8; e < RF_PF_TILE; e += blockDim.x * 8) {
+            float kv8[8], vv8[8];
+            if (e < valid) {
+                pf_load8(ksrc + e, kv8);
+                pf_load8(vsrc + e, vv8);
+            } else {
+#pragma unroll
+                for (int u = 0; u < 8; ++u) kv8[u] = vv8[u] = 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                ks[e + u] = kv8[u];
+                vs[e + u] = vv8[u];
+            }
         }
         __syncthreads();
         const int nk = min(BK, kend - t0);
-        for (int jj = 0; jj < nk; ++jj) {
+        // keys in pairs: two independent dot products and shuffle reductions in flight, and one
+        // running-max correction per pair (scores are in log2 units: exp2 of them)
+        int jj = 0;
+        for (; jj + 1 < nk; jj += 2) {
+            float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+            for (int k = 0; k < DPT; ++k) {
+                s0 += qr[k] * ks[jj * HD + sub + RF_PF_TPQ * k];
+                s1 += qr[k] * ks[(jj + 1) * HD + sub + RF_PF_TPQ * k];
+            }
+            s0 = rf_group_sum(s0, RF_PF_TPQ);  // all lanes take part; masking happens below
+            s1 = rf_group_sum(s1, RF_PF_TPQ);
+            const int j = t0 + jj;
+            if (live && j <= my_last) {
+                const bool has1 = j + 1 <= my_last;
+                const float m_new = fmaxf(m, has1 ? fmaxf(s0, s1) : s0);
+                const float corr = exp2f(m - m_new);  // m = -inf at first: corr = 0
+                const float p0 = exp2f(s0 - m_new);
+                const float p1 = has1 ? exp2f(s1 - m_new) : 0.0f;
+                l = l * corr + p0 + p1;
+#pragma unroll
+                for (int k = 0; k < DPT; ++k)
+                    acc[k] = acc[k] * corr + p0 * vs[jj * HD + sub + RF_PF_TPQ * k] +
+                             p1 * vs[(jj + 1) * HD + sub + RF_PF_TPQ * k];
+                m = m_new;
+            }
+        }
+        if (jj < nk) {  // an odd last key
             float sc = 0.0f;
 #pragma unroll
             for (int k = 0; k < DPT; ++k) sc += qr[k] * ks[jj * HD + sub + RF_PF_TPQ * k];
-            sc = rf_group_sum(sc, RF_PF_TPQ);  // all lanes take part; masking happens below
+            sc = rf_group_sum(sc, RF_PF_TPQ);
             const int j = t0 + jj;
             if (live && j <= my_last) {
                 const float m_new = fmaxf(m, sc);
-                const float corr = expf(m - m_new);  // m = -inf at first: corr = 0
-                const float p = expf(sc - m_new);
+                const float corr = exp2f(m - m_new);
+                const float p = exp2f(sc - m_new);
                 l = l * corr + p;
 #pragma unroll
                 for (int k = 0; k < DPT; ++k) acc[k] = acc[k] * corr + p * vs[jj * HD + sub + RF_PF_TPQ * k];

@@ -39,13 +39,20 @@ CHUNK = 512  # tokens per pass: bounds the activation memory for long prompts
 
 @dataclass
 class _Layer:
-    qkv: tuple            # GpuWeights of Q, K, V (rows stacked in this order)
+    qkv: Any              # _GemmPlan of Q, K, V (rows stacked in this order)
     qkv_bias: Any         # cupy f32 [q+k+v] or None
-    o: Any
-    gate_up: tuple        # GpuWeights of gate, up
-    down: Any
+    o: Any                # _GemmPlan
+    gate_up: Any          # _GemmPlan of gate, up
+    down: Any             # _GemmPlan
     attn_norm: Any        # cupy f32 [d]
     ffn_norm: Any
+
+
+@dataclass
+class _GemmPlan:
+    steps: list           # (dequantization launches, rows m, first output column)
+    k: int                # inner dimension (input width)
+    scratch_ptr: int      # the f16 weight rows the GEMMs read
 
 
 class PrefillUnsupported(ValueError):
@@ -73,6 +80,10 @@ class GpuPrefill:
         self.be, self.cfg = be, cfg
         W = tf.weights
         be.finalize_weights()
+        self._one = np.ones((), np.float32)
+        self._zero = np.zeros((), np.float32)
+        self._bufs: dict[str, Any] = {}
+        self._rows = 0  # tokens the persistent activation buffers hold
         self.layers: list[_Layer] = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
@@ -82,50 +93,56 @@ class GpuPrefill:
                 bias = cupy.concatenate([W[p + r + ".bias"].as_array(cupy.float32).reshape(-1)
                                          for r in ("attn_q", "attn_k", "attn_v")])
             self.layers.append(_Layer(
-                qkv, bias, W[p + "attn_output.weight"], (W[p + "ffn_gate.weight"], W[p + "ffn_up.weight"]),
-                W[p + "ffn_down.weight"], W[p + "attn_norm.weight"].as_array(cupy.float32),
-                W[p + "ffn_norm.weight"].as_array(cupy.float32)))
+                self._plan(qkv), bias, self._plan([W[p + "attn_output.weight"]]),
+                self._plan([W[p + "ffn_gate.weight"], W[p + "ffn_up.weight"]]), self._plan([W[p + "ffn_down.weight"]]),
+                W[p + "attn_norm.weight"].as_array(cupy.float32), W[p + "ffn_norm.weight"].as_array(cupy.float32)))
         self.embd = W["token_embd.weight"]
         self.output_norm = W["output_norm.weight"]
         self.output = W["token_embd.weight" if cfg.tied_output else "output.weight"]
-        self._one = np.ones((), np.float32)
-        self._zero = np.zeros((), np.float32)
         self._fn = {name: K.get_function(KERNEL_FILE, name) for name in
                     ("pf_rms_norm_f16", "pf_swiglu_f16", "pf_qkv_rope_store_f16", "pf_qkv_rope_store_f32")}
         self._f32_to_f16 = K.get_function("elementwise", "f32_to_f16")
 
     # ------------------------------------------------------------------ GEMM over stacked weights
-    def _gemm(self, cublas, handle, x_h, weights: Sequence[Any], out, beta) -> None:
-        """out[:, :sum rows] (= beta * out +) x_h @ [W_1; W_2; ...].T, each W dequantized to f16.
-
-        x_h: [n, k] f16; out: [n, ldc] f32 (C-contiguous). The stacked rows are processed in chunks
-        that fit the backend's scratch buffer; a chunk may hold parts of several weights."""
+    def _plan(self, weights: Sequence[Any]) -> _GemmPlan:
+        """The launches of `x @ [W_1; W_2; ...].T`: the stacked rows in chunks that fit the backend's
+        scratch buffer (a chunk may hold parts of several weights), each chunk = its dequantization
+        launches (arguments fixed: weights and scratch do not move) + one GEMM."""
         import cupy
 
         be = self.be
-        n, k = x_h.shape
-        ldc = out.shape[1]
+        k = weights[0].cols
         scratch, per = be._scratch_rows(weights[0], 2)
         sh = cupy.ndarray((per, k), dtype=cupy.float16, memptr=scratch.data)
         total = sum(w.rows for w in weights)
-        pieces = []  # (weight, first row, row count, stacked row): the stacked row space in order
-        r = 0
-        for w in weights:
-            pieces.append((w, 0, w.rows, r))
-            r += w.rows
-        c0 = 0
+        steps, c0 = [], 0
         while c0 < total:
             c1 = min(total, c0 + per)
-            for w, _, rows, s0 in pieces:  # dequantize the parts of [c0, c1) of each weight
-                a, b = max(c0, s0), min(c1, s0 + rows)
+            launches, s0 = [], 0
+            for w in weights:
+                a, b = max(c0, s0), min(c1, s0 + w.rows)
                 if a < b:
-                    be._dequant_into(w, sh[a - c0:], None, a - s0, b - a)
-            cublas.gemmEx(handle, 1, 0, c1 - c0, n, k,            # op T (weights), op N (x)
-                          self._one.ctypes.data, sh.data.ptr, 2, k,   # CUDA_R_16F, lda = k
+                    fn = K.get_function("dequant", f"dequant_{K.QTYPE_SUFFIX[w.qtype_name]}_f16")
+                    launches.append((fn, be._grid((b - a) * (w.cols // 32), 256, 8192),
+                                     (w.base, np.int64(w.offset + (a - s0) * w.row_bytes), np.int64(w.row_bytes),
+                                      np.int32(w.cols), None, np.int32(b - a), sh[a - c0:])))
+                s0 += w.rows
+            steps.append((launches, c1 - c0, c0))
+            c0 = c1
+        return _GemmPlan(steps, k, sh.data.ptr)
+
+    def _gemm(self, cublas, handle, plan: _GemmPlan, x_h, n: int, out, beta) -> None:
+        """out[:n, :rows] (= beta * out +) x_h[:n] @ W.T with f32 accumulation. x_h: [*, k] f16,
+        out: [*, ldc] f32, both C-contiguous."""
+        k, ldc = plan.k, out.shape[1]
+        for launches, m, c0 in plan.steps:
+            for fn, grid, args in launches:
+                fn(grid, (256,), args)
+            cublas.gemmEx(handle, 1, 0, m, n, k,                        # op T (weights), op N (x)
+                          self._one.ctypes.data, plan.scratch_ptr, 2, k,  # CUDA_R_16F, lda = k
                           x_h.data.ptr, 2, k,
                           beta.ctypes.data, out.data.ptr + c0 * 4, 0, ldc,  # CUDA_R_32F
                           68, -1)                                      # COMPUTE_32F, GEMM_DEFAULT
-            c0 = c1
 
     # ------------------------------------------------------------------ the pass
     def run(self, session, ids: Sequence[int]) -> np.ndarray:
@@ -155,6 +172,31 @@ class GpuPrefill:
         session.tokens.extend(ids)
         return be.to_numpy(logits)
 
+    def _buffers(self, n: int) -> dict[str, Any]:
+        """Persistent activation buffers for chunks of up to max(n, CHUNK) tokens (one device
+        allocation, reused by every layer and every prefill; rows beyond the chunk are unused)."""
+        import cupy
+
+        from .memory import device_alloc
+
+        if n > self._rows:
+            cfg = self.cfg
+            rows = max(n, CHUNK)
+            d, qd, kvd, ff = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.d_ff
+            shapes = {"xn16": ((rows, d), cupy.float16), "qkv": ((rows, qd + 2 * kvd), cupy.float32),
+                      "q": ((rows, cfg.n_head, cfg.head_dim), cupy.float32), "att": ((rows, qd), cupy.float32),
+                      "at16": ((rows, qd), cupy.float16), "gu": ((rows, 2 * ff), cupy.float32),
+                      "act16": ((rows, ff), cupy.float16)}
+            sizes = {k: -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 256) * 256 for k, (shape, dt) in shapes.items()}
+            self._bufs = {}  # release the old allocation first
+            mem = device_alloc(sum(sizes.values()), f"prefill activations ({rows} tokens)", "scratch")
+            off = 0
+            for k, (shape, dt) in shapes.items():
+                self._bufs[k] = cupy.ndarray(shape, dtype=dt, memptr=mem + off)
+                off += sizes[k]
+            self._rows = rows
+        return self._bufs
+
     def _chunk(self, session, ids: list[int], start: int):
         """One chunk of tokens at positions start..; returns the residual of its last token [1, d]."""
         import cupy
@@ -170,13 +212,8 @@ class GpuPrefill:
         eps = f32(cfg.rms_eps)
         pos_dev = cupy.asarray(np.arange(start, start + n, dtype=np.int32))
         x = be.embed(self.embd, ids)                                 # [n, d] f32: the residual
-        xn16 = cupy.empty((n, d), dtype=cupy.float16)                # normalized residual (GEMM input)
-        qkv = cupy.empty((n, (nh + 2 * nkv) * hd), dtype=cupy.float32)
-        q = cupy.empty((n, nh, hd), dtype=cupy.float32)
-        att = cupy.empty((n, nh * hd), dtype=cupy.float32)
-        at16 = cupy.empty((n, nh * hd), dtype=cupy.float16)
-        gu = cupy.empty((n, 2 * ff), dtype=cupy.float32)
-        act16 = cupy.empty((n, ff), dtype=cupy.float16)
+        B = self._buffers(n)
+        xn16, qkv, q, att, at16, gu, act16 = (B[k] for k in ("xn16", "qkv", "q", "att", "at16", "gu", "act16"))
         rope_items = n * (nh + 2 * nkv) * (hd // 2)
         rope_grid = be._grid(rope_items, 256, 16384)
         rope_fn = self._fn[f"pf_qkv_rope_store_{cache}"]
@@ -193,18 +230,18 @@ class GpuPrefill:
         try:
             for i, L in enumerate(self.layers):
                 norm_fn((n,), (256,), (x, L.attn_norm, xn16, i32(n), i32(d), eps))
-                self._gemm(cublas, handle, xn16, L.qkv, qkv, self._zero)
+                self._gemm(cublas, handle, L.qkv, xn16, n, qkv, self._zero)
                 rope_fn(rope_grid, (256,), (qkv, L.qkv_bias, q, kc, vc, pos_dev, i32(n), i32(nh), i32(nkv),
                                             i32(hd), i32(cfg.rope_dim), f32(cfg.rope_base),
                                             i32(cfg.rope_style == "neox"), i32(i), i32(n_ctx), i32(start)))
                 attn_fn(((n + 15) // 16, nh), (128,), (q, kc, vc, att, i32(i), i32(n), i32(nh), i32(nkv),
                                                        i32(n_ctx), i32(start), scale))
-                self._f32_to_f16(att_grid, (256,), (att, at16, np.int64(att.size)))
-                self._gemm(cublas, handle, at16, (L.o,), x, self._one)        # x += o-proj
+                self._f32_to_f16(att_grid, (256,), (att, at16, np.int64(n * nh * hd)))
+                self._gemm(cublas, handle, L.o, at16, n, x, self._one)        # x += o-proj
                 norm_fn((n,), (256,), (x, L.ffn_norm, xn16, i32(n), i32(d), eps))
-                self._gemm(cublas, handle, xn16, L.gate_up, gu, self._zero)
+                self._gemm(cublas, handle, L.gate_up, xn16, n, gu, self._zero)
                 swiglu_fn(swiglu_grid, (256,), (gu, act16, i32(n), i32(ff)))
-                self._gemm(cublas, handle, act16, (L.down,), x, self._one)    # x += down-proj
+                self._gemm(cublas, handle, L.down, act16, n, x, self._one)    # x += down-proj
         finally:
             if mode != host_mode:
                 cublas.setPointerMode(handle, mode)

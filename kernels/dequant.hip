@@ -25,10 +25,18 @@ RF_DEV void dequant_rows(const rf_u8* __restrict__ arena, rf_i64 w_off, rf_i64 r
         T::load32(blk, k % T::SUBS, v);
         const rf_i64 o = (rf_i64)i * cols + (rf_i64)k * 32;
         if (F16) {
-            rf_u32* dst = (rf_u32*)((rf_u16*)out + o);  // 64-byte aligned item
+            rf_f4* dst = (rf_f4*)((rf_u16*)out + o);  // 64-byte aligned item: four 16-byte stores
 #pragma unroll
-            for (int j = 0; j < 16; ++j)
-                dst[j] = (rf_u32)rf_f2h(v[2 * j]) | ((rf_u32)rf_f2h(v[2 * j + 1]) << 16);
+            for (int j = 0; j < 4; ++j) {
+                rf_u32 w[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    w[u] = (rf_u32)rf_f2h(v[8 * j + 2 * u]) | ((rf_u32)rf_f2h(v[8 * j + 2 * u + 1]) << 16);
+                rf_f4 t;
+                t.x = __uint_as_float(w[0]); t.y = __uint_as_float(w[1]);
+                t.z = __uint_as_float(w[2]); t.w = __uint_as_float(w[3]);
+                dst[j] = t;
+            }
         } else {
             rf_f4* dst = (rf_f4*)((float*)out + o);  // 128-byte aligned item
 #pragma unroll

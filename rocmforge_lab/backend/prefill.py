@@ -113,6 +113,8 @@ class GpuPrefill:
         be = self.be
         k = weights[0].cols
         scratch, per = be._scratch_rows(weights[0], 2)
+        if per >= 128:  # chunk starts stay 512-byte aligned in the output (cuBLAS takes its fast
+            per -= per % 128  # tensor-core kernels only for 16-byte aligned pointers)
         sh = cupy.ndarray((per, k), dtype=cupy.float16, memptr=scratch.data)
         total = sum(w.rows for w in weights)
         steps, c0 = [], 0

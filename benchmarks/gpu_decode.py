@@ -68,7 +68,7 @@ def bench_one(spec, args, bw):
 
     import rocmforge_lab as rf
     from rocmforge_lab import synth
-    from rocmforge_lab.backend.fast_decode import FastDecoder, fast_prefill
+    from rocmforge_lab.backend.fast_decode import FastDecoder
     from rocmforge_lab.backend.profile import format_profile, profile_decode_step, profile_forward, summarize
 
     key, label, arch, shape, qtype, ref_pp, ref_tg, target = spec
@@ -89,26 +89,32 @@ def bench_one(spec, args, bw):
     s = m.session(n_ctx=npr + ng + 16)
 
     # ---- prefill
-    s.forward(prompt[:16], last_only=True)  # warm-up (compiles)
+    def step_forward(ids):  # the op-by-op program (what stepping and tracing run)
+        state, ops = s.begin_forward(ids, last_only=True)
+        for _ in ops:
+            pass
+        return s.finish_forward(state)
+
+    step_forward(prompt[:16])  # warm-up (compiles)
     s.reset()
-    fast_prefill(s, prompt[:16])
+    s.forward(prompt[:16], last_only=True)
     s.reset()
 
     def pf_step():
         s.reset()
-        s.forward(prompt, last_only=True)
+        step_forward(prompt)
         be.synchronize()
 
-    def pf_fast():
+    def pf_fast():  # session.forward without hooks: the fused prefill (backend/prefill.py)
         s.reset()
-        fast_prefill(s, prompt)
+        s.forward(prompt, last_only=True)
 
     t_step, _ = _time(pf_step, args.reps)
     t_fast, _ = _time(pf_fast, args.reps)
     r["prefill_step_tok_s"] = npr / t_step
     r["prefill_fast_tok_s"] = npr / t_fast
     s.reset()
-    logits = fast_prefill(s, prompt)
+    logits = s.forward(prompt, last_only=True)
     tok0 = int(np.argmax(logits[-1]))
 
     # ---- decode: graphed fast path

@@ -2,11 +2,11 @@
 
     python benchmarks/prefill_profile.py [--models smollm2,qwen0.5b] [--n-prompt 512] [--dir /tmp]
 
-For each synthetic model of a benchmark shape (benchmarks/gpu_decode.py): the wall time of
-`fast_prefill` of n_prompt tokens (median of 5), then one instrumented run in which every backend
-op and the pieces of a GEMM (f32->f16 conversion, weight dequantization, cuBLAS call) are
-bracketed by CUDA events. GPU time summed per op against the wall time says whether prefill is
-bound by the GPU work or by the host launching it (launches per prefill are counted too).
+For each synthetic model of a benchmark shape (benchmarks/gpu_decode.py): the wall time of the
+fused prefill (`session.forward`, backend/prefill.py; median of 15) and of the op-by-op program
+(median of 5), then one instrumented op-by-op run in which every backend op and the pieces of a
+GEMM (weight dequantization, cuBLAS call) are bracketed by CUDA events. GPU time summed per op
+against the wall time says whether a path is bound by the GPU work or by the host launching it.
 """
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ def profile_one(spec, args) -> None:
 
     import rocmforge_lab as rf
     from rocmforge_lab import synth
-    from rocmforge_lab.backend.fast_decode import fast_prefill
-
     def fused(session, ids):
         return session.forward(ids, last_only=True)  # backend/prefill.py
+
+    def fast_prefill(session, ids):  # the op-by-op program (what stepping and tracing run)
+        state, ops = session.begin_forward(ids, last_only=True)
+        for _ in ops:
+            pass
+        return session.finish_forward(state)
 
     key, label, arch, shape, qtype, ref_pp, _, _ = spec
     path = synth.make_gguf(Path(args.dir) / f"{shape}-{qtype}.gguf", arch=arch, shape=shape, qtype=qtype, seed=0,
@@ -78,7 +82,7 @@ def profile_one(spec, args) -> None:
             return r
         return timed
 
-    ops = ["embed", "rms_norm", "rope", "kv_store", "attention", "add", "swiglu", "linear",
+    ops = ["embed", "rms_norm", "rope", "kv_store", "attention", "attn_scores", "softmax", "attn_mix", "add", "swiglu", "linear",
            "_dequant_into", "_gemm_ex_call", "_matvec"]
     for name in ops:
         if hasattr(be, name):
@@ -93,7 +97,7 @@ def profile_one(spec, args) -> None:
         if name in be.__dict__:
             del be.__dict__[name]
     print(f"\n{label}: pp{args.n_prompt} wall {wall * 1e3:.2f} ms = {args.n_prompt / wall:,.0f} tok/s "
-          f"(llama.cpp {ref_pp:,}: {args.n_prompt / wall / ref_pp:.2f}x); instrumented run {wall_instr * 1e3:.2f} ms")
+          f"op by op (llama.cpp {ref_pp:,}: {args.n_prompt / wall / ref_pp:.2f}x); instrumented run {wall_instr * 1e3:.2f} ms")
     print(f"{'op':<16}{'calls':>7}{'GPU ms':>10}{'host ms':>10}")
     for name in ops:
         ev = events.get(name)

@@ -82,8 +82,8 @@ def profile_one(spec, args) -> None:
             return r
         return timed
 
-    ops = ["embed", "rms_norm", "rope", "kv_store", "attention", "attn_scores", "softmax", "attn_mix", "add", "swiglu", "linear",
-           "_dequant_into", "_gemm_ex_call", "_matvec"]
+    ops = ["embed", "rms_norm", "rope", "kv_store", "attention", "attn_scores", "softmax", "attn_mix", "add",
+           "swiglu", "linear", "_dequant_into", "_gemm_ex_call", "_matvec"]
     for name in ops:
         if hasattr(be, name):
             setattr(be, name, wrap(name, getattr(be, name)))
@@ -97,7 +97,8 @@ def profile_one(spec, args) -> None:
         if name in be.__dict__:
             del be.__dict__[name]
     print(f"\n{label}: pp{args.n_prompt} wall {wall * 1e3:.2f} ms = {args.n_prompt / wall:,.0f} tok/s "
-          f"op by op (llama.cpp {ref_pp:,}: {args.n_prompt / wall / ref_pp:.2f}x); instrumented run {wall_instr * 1e3:.2f} ms")
+          f"op by op (llama.cpp {ref_pp:,}: {args.n_prompt / wall / ref_pp:.2f}x); "
+          f"instrumented run {wall_instr * 1e3:.2f} ms")
     print(f"{'op':<16}{'calls':>7}{'GPU ms':>10}{'host ms':>10}")
     for name in ops:
         ev = events.get(name)

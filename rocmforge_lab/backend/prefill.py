@@ -189,7 +189,8 @@ class GpuPrefill:
                       "q": ((rows, cfg.n_head, cfg.head_dim), cupy.float32), "att": ((rows, qd), cupy.float32),
                       "at16": ((rows, qd), cupy.float16), "gu": ((rows, 2 * ff), cupy.float32),
                       "act16": ((rows, ff), cupy.float16)}
-            sizes = {k: -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 256) * 256 for k, (shape, dt) in shapes.items()}
+            sizes = {k: -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 256) * 256
+                     for k, (shape, dt) in shapes.items()}
             self._bufs = {}  # release the old allocation first
             mem = device_alloc(sum(sizes.values()), f"prefill activations ({rows} tokens)", "scratch")
             off = 0

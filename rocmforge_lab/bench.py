@@ -9,6 +9,48 @@ import time
 import numpy as np
 
 
+# llama.cpp's CUDA backend on one NVIDIA H200 (llama-bench -p 512 -n 128, flash attention, all layers
+# on the GPU; measured 2026-11-21, issue 6): (label, arch, n_layer, d_model, vocab, general.file_type)
+# -> (prefill pp512 tok/s, decode tg128 tok/s). The synthetic presets of synth.py match by shape.
+LLAMA_CPP_H200 = {
+    ("SmolLM2-135M Q4_1", "llama", 30, 576, 49152, 3): (48469, 939),
+    ("Qwen2.5-0.5B Q4_K_M", "qwen2", 24, 896, 151936, 15): (41970, 852),
+    ("Qwen2.5-7B Q4_K_M", "qwen2", 28, 3584, 152064, 15): (9636, 281),
+}
+
+
+def llama_cpp_reference(model) -> tuple[str, int, int] | None:
+    """(label, prefill tok/s, decode tok/s) of llama.cpp on an H200 for this model's shape and
+    quantization, or None when we have no reference figure for it."""
+    c = model.config
+    ftype = model.gguf.get("general.file_type")
+    for (label, arch, n_layer, d_model, vocab, ft), (pp, tg) in LLAMA_CPP_H200.items():
+        if (c.arch, c.n_layer, c.d_model, c.vocab_size, ftype) == (arch, n_layer, d_model, vocab, ft):
+            return label, pp, tg
+    return None
+
+
+def device_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of `reps` copies
+    of `nbytes`, timed with events: the yardstick for the decode's effective bandwidth."""
+    import cupy
+
+    from .backend.memory import device_alloc
+
+    src = device_alloc(nbytes, "bandwidth probe (source)", "scratch")
+    dst = device_alloc(nbytes, "bandwidth probe (destination)", "scratch")
+    times = []
+    for i in range(reps + 1):
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record()
+        dst.copy_from_device_async(src, nbytes)
+        e1.record()
+        e1.synchronize()
+        if i:  # the first copy warms up
+            times.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e-3)
+    return 2 * nbytes / statistics.median(times)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -67,12 +109,40 @@ def bench_model(model, n_prompt: int = 64, n_gen: int = 32, repetitions: int = 3
     }
     if fd is not None:
         result["profile_decoder"] = (fd, session)  # the decoder holds its session weakly
+        weight_bytes = fd.plan.weight_bytes
+        copy_bw = device_copy_bandwidth()
+        result["weight_mib_per_token"] = weight_bytes / 2**20
+        result["effective_gb_s"] = weight_bytes * result["decode_tok_s"] / 1e9
+        result["copy_gb_s"] = copy_bw / 1e9
+        result["bandwidth_fraction"] = weight_bytes * result["decode_tok_s"] / copy_bw
+    ref = llama_cpp_reference(model) if model.device == "gpu" else None
+    if ref is not None:
+        result["llama_cpp_h200"] = {"label": ref[0], "prefill_tok_s": ref[1], "decode_tok_s": ref[2],
+                                    "prefill_ratio": result["prefill_tok_s"] / ref[1],
+                                    "decode_ratio": result["decode_tok_s"] / ref[2]}
     if model.device == "cpu":
         result["threads"] = f"prefill {model.n_threads}, decode {model.decode_threads}"
     mem = getattr(model.backend, "memory_stats", None)
     if mem is not None:
         result["device_memory"] = mem()
     return result
+
+
+def _format_memory(stats: dict) -> str:
+    """memory_stats() as one line: byte counts in MiB, nested dicts flattened."""
+    parts = []
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            elif isinstance(v, (int, np.integer)) and ("bytes" in k) and not isinstance(v, bool):
+                parts.append(f"{key}={v / 2**20:.1f} MiB")
+            else:
+                parts.append(f"{key}={v}")
+    walk("", stats)
+    return ", ".join(parts)
 
 
 def run_bench(args) -> dict:
@@ -91,9 +161,19 @@ def run_bench(args) -> dict:
     print(f"device  : {r['device']}" + (f"  (BLAS threads: {r['threads']})" if "threads" in r else ""))
     print(f"prefill : {r['prefill_tok_s']:10.1f} tok/s   (pp{r['n_prompt']}, median of {args.repetitions})")
     print(f"decode  : {r['decode_tok_s']:10.1f} tok/s   (tg{r['n_gen']}, median of {args.repetitions}; {r['decode_path']})")
+    if "bandwidth_fraction" in r:
+        print(f"bandwidth: {r['weight_mib_per_token']:.1f} MiB of weights per token x decode tok/s = "
+              f"{r['effective_gb_s']:.0f} GB/s = {100 * r['bandwidth_fraction']:.1f}% of the device's copy "
+              f"bandwidth ({r['copy_gb_s']:.0f} GB/s, measured now)")
+    if "llama_cpp_h200" in r:
+        ref = r["llama_cpp_h200"]
+        print(f"vs llama.cpp: prefill {ref['prefill_ratio']:.2f}x, decode {ref['decode_ratio']:.2f}x of its H200 "
+              f"figures "
+              f"for {ref['label']} ({ref['prefill_tok_s']:,} / {ref['decode_tok_s']:,} tok/s at pp512 / tg128; "
+              f"compare on an H200 with -p 512 -n 128)")
     print(f"memory  : {r['peak_rss_mib']:10.1f} MiB peak host RSS")
     if "device_memory" in r:
-        print(f"device memory: {r['device_memory']}")
+        print(f"device memory: {_format_memory(r['device_memory'])}")
     if args.profile:
         if fd is None:
             print("--profile: per-kernel GPU times need the GPU fast path (--device gpu, without --no-fast)")

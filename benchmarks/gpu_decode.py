@@ -29,8 +29,8 @@ MODELS = [("smollm2", "SmolLM2-135M Q4_1", "llama", "smollm2-135m", "q4_1", 4846
           ("qwen0.5b", "Qwen2.5-0.5B Q4_K_M", "qwen2", "qwen2.5-0.5b", "q4_k_m", 41970, 852, 2.0),
           ("qwen7b", "Qwen2.5-7B Q4_K_M", "qwen2", "qwen2.5-7b", "q4_k_m", 9636, 281, 1.5)]
 
-TUNES = [{}, {"pdl": False}, {"merge_max": 0}, {"out_blocks_per_sm": 8}, {"out_blocks_per_sm": 2},
-         {"out_blocks_per_sm": 4}, {"lpr_min": 32}, {"pair": True}, {"pair": False}]
+TUNES = [{}, {"pdl": False}, {"merge_max": 0}, {"att_hpb": 32}, {"att_hpb": 2}, {"out_blocks_per_sm": 8},
+         {"lpr_min": 32}, {"gate_up_threads": 512}, {"pair": True}, {"pair": False}]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:

@@ -989,14 +989,17 @@ FD_QKV_KERNEL(fd_qkv_f16_any, rf_u16, true)
 FD_QKV_KERNEL(fd_qkv_f32_any, float, true)
 
 // ---- fd_attn ----------------------------------------------------------------------------------
-// Grid (n_split, n_kv), 128 threads, n_split = ceil(n_ctx / 64). Block (s, g) takes keys
-// [64s, 64s + 64) of KV head g for all G query heads of its group (8 per pass), keys 0..pos:
+// Grid (n_split, n_kv, ceil(G / hpb)), 128 threads, n_split = ceil(n_ctx / 64). Block (s, g, z) takes
+// keys [64s, 64s + 64) of KV head g for query heads z*hpb .. z*hpb + hpb - 1 of its group of G (8
+// per pass; hpb < G spreads a large group's work over more blocks, each reading the same K/V rows),
+// keys 0..pos:
 //   scores: two threads per key (half of head_dim each, 16-byte loads of K), q in shared memory;
 //   softmax of the chunk per head; V: each 32-lane group takes 16 keys, lanes take head_dim/32
 //   dimensions; the 4 groups' sums meet in shared memory.
-// Partials part_acc[s, h, :] = sum_j e^(score_hj - m_sh) V_j, part_ml[s, h] = (m_sh, l_sh); the
-// last block of KV head g (atomic counter) merges the valid splits into out[h*hd + d] and resets
-// the counter.
+// Partials part_acc[s, h, :] = sum_j e^(score_hj - m_sh) V_j, part_ml[s, h] = (m_sh, l_sh). While the
+// valid splits x n_head x head_dim stay <= merge_max, fd_oproj's blocks merge them (late merge);
+// else the last block of KV head g (atomic counter) merges the valid splits into out[h*hd + d] and
+// its quantized copy, and resets the counter.
 RF_DEV void fd_ld8(const rf_u16* p, float* o) {
     const fd_u4 t = *(const fd_u4*)p;
     o[0] = rf_h2f((rf_u16)(t.x & 0xffffu)); o[1] = rf_h2f((rf_u16)(t.x >> 16));
@@ -1095,7 +1098,7 @@ template <class C, int HD>
 RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict__ q, const C* __restrict__ kc,
                          const C* __restrict__ vc, float* part_acc, float* part_ml, int* counters, float* out,
                          int* oh, int* ol, float* os, float* osum, int layer, int n_head, int n_kv, int n_ctx,
-                         float scale, int merge_max) {
+                         float scale, int merge_max, int hpb) {
     constexpr int KPL = HD / 32;
     constexpr int HP = FD_ATT_HPP;
     __shared__ float qsh[FD_ATT_QMAX];
@@ -1106,6 +1109,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     __shared__ int s_last;
     const int split = blockIdx.x, kvh = blockIdx.y;
     const int G = n_head / n_kv, h0 = kvh * G;
+    const int gb = (int)blockIdx.z * hpb, ge = min(G, gb + hpb);  // this block's query heads of the group
     const int j0 = split * FD_ATT_KEYS;
     const int tid = threadIdx.x, sw = tid >> 5, l32 = tid & 31;
     const int jj = tid >> 1, hf = tid & 1;
@@ -1148,10 +1152,10 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     }
     const int nj = max(0, min(FD_ATT_KEYS, L - j0));
     if (nj > 0) {
-        for (int t = tid; t < G * HD; t += 128) qsh[t] = q[(rf_i64)h0 * HD + t] * scale;
+        for (int t = gb * HD + tid; t < ge * HD; t += 128) qsh[t] = q[(rf_i64)h0 * HD + t] * scale;
         __syncthreads();
-        for (int g0 = 0; g0 < G; g0 += HP) {
-            const int np = min(HP, G - g0);
+        for (int g0 = gb; g0 < ge; g0 += HP) {
+            const int np = min(HP, ge - g0);
             float acc[HP];
 #pragma unroll
             for (int g = 0; g < HP; ++g) acc[g] = 0.0f;
@@ -1232,7 +1236,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
             }
             __syncthreads();  // shared memory is reused by the next pass
         }
-        for (int g = tid; g < G; g += 128) {
+        for (int g = gb + tid; g < ge; g += 128) {
             part_ml[((rf_i64)split * n_head + h0 + g) * 2] = mls[g][0];
             part_ml[((rf_i64)split * n_head + h0 + g) * 2 + 1] = mls[g][1];
         }
@@ -1244,7 +1248,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     __syncthreads();
     if (tid == 0) {
         const int old = atomicAdd(counters + kvh, 1);
-        s_last = old == (int)gridDim.x - 1;
+        s_last = old == (int)(gridDim.x * gridDim.z) - 1;  // every split and head slice of this KV head
     }
     __syncthreads();
     if (!s_last) return;
@@ -1353,9 +1357,9 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     RF_KERNEL void fd_attn_##cname##_hd##HD(const int* state, const float* q, const C* kc, const C* vc,        \
                                             float* part_acc, float* part_ml, int* counters, float* out,        \
                                             int* oh, int* ol, float* os, float* osum, int layer, int n_head,   \
-                                            int n_kv, int n_ctx, float scale, int merge_max) {                 \
+                                            int n_kv, int n_ctx, float scale, int merge_max, int hpb) {        \
         fd_attn_impl<C, HD>(state, q, kc, vc, part_acc, part_ml, counters, out, oh, ol, os, osum, layer,       \
-                            n_head, n_kv, n_ctx, scale, merge_max);                                            \
+                            n_head, n_kv, n_ctx, scale, merge_max, hpb);                                       \
     }
 FD_ATTN_KERNEL(f16, rf_u16, 32)
 FD_ATTN_KERNEL(f16, rf_u16, 64)

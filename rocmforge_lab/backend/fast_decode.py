@@ -258,6 +258,7 @@ class DecodePlan:
         def norm(name):
             return _i64(self._w(name).offset)
         scale = 1.0 / math.sqrt(hd)
+        G = nh // nkv
         L: list[Launch] = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
@@ -283,10 +284,10 @@ class DecodePlan:
                  Buf("k_cache"), Buf("v_cache"), _i32(i), _i32(self.n_ctx), Buf("q"), _i32(lpr)),
                 p + "qkv", "qkv", wq.nbytes + wk.nbytes + wv.nbytes))
             L.append(Launch(
-                f"fd_attn_{c}_hd{hd}", (self.n_split, nkv), (128,),
+                f"fd_attn_{c}_hd{hd}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
                 (Buf("state"), Buf("q"), Buf("k_cache"), Buf("v_cache"), Buf("part_acc"), Buf("part_ml"),
                  Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale),
-                 _i32(self.merge_max)),
+                 _i32(self.merge_max), _i32(self.att_hpb)),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
@@ -324,6 +325,15 @@ class DecodePlan:
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[emb.qtype]), _i64(emb.offset), _i64(emb.row_bytes), _i32(d),
              Buf("resid")),
             "embed", "embed", 0)]
+
+    @property
+    def att_hpb(self) -> int:
+        """Query heads per attention block: a GQA group of more than 4 heads is spread over
+        ceil(G / 4) blocks per split (tune "att_hpb")."""
+        G = self.cfg.n_head // self.cfg.n_head_kv
+        if "att_hpb" in self.tune:
+            return max(1, min(G, int(self.tune["att_hpb"])))
+        return -(-G // -(-G // 4))
 
     @property
     def merge_max(self) -> int:

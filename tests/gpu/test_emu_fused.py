@@ -187,8 +187,10 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads):
     xa = (np.zeros(nh * hd // 4, np.int32), np.zeros(nh * hd // 4, np.int32), np.zeros(nh * hd // 32, np.float32),
           np.zeros(nh * hd // 16, np.float32))
     scale = 1 / math.sqrt(hd)
-    mod(ws).launch("fd_attn_f32_hd32", (n_split, nkv), (128,), state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
-                   layer, nh, nkv, n_ctx, scale, merge_max)
+    G = nh // nkv
+    hpb = 3 if G > 3 else G  # query heads per block: the 16-head case spreads each group of 8 over 3 blocks
+    mod(ws).launch("fd_attn_f32_hd32", (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
+                   cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb)
     assert cnt.sum() == 0
     want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),
                            layer, pos, pos + 1, scale).reshape(-1)

@@ -201,11 +201,17 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     cnt = cupy.zeros(nkv, np.int32)
     out = cupy.full(nh * hd, np.nan, np.float32)
     xa = _xbufs(nh * hd)
-    for _ in range(2):  # twice: the counters must have been reset by the first launch
-        _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv), (128,), (state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
-                                                            _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
-                                                            np.float32(1 / math.sqrt(hd)), _i32(0)))
+    G = nh // nkv
+    for hpb in (G, 4, 3):  # query heads per block (twice G: the counters must have been reset)
+        out.fill(np.nan)
+        _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv, -(-G // hpb)), (128,), (
+            state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
+            np.float32(1 / math.sqrt(hd)), _i32(0), _i32(hpb)))
         assert int(cnt.sum().get()) == 0
+        got = cupy.asnumpy(out).reshape(1, -1)
+        want = R.attention_ref(cupy.asnumpy(q).astype(np.float64).reshape(1, nh, hd), kc1.astype(np.float64),
+                               vc1.astype(np.float64), layer, pos, pos + 1, 1 / math.sqrt(hd))
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), (hpb, float(np.abs(got - want).max()))
     qh = cupy.asnumpy(q).astype(np.float64).reshape(1, nh, hd)
     want = R.attention_ref(qh, kc1.astype(np.float64), vc1.astype(np.float64), layer, pos, pos + 1, 1 / math.sqrt(hd))
     got = cupy.asnumpy(out).reshape(1, -1)
@@ -225,9 +231,10 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
         late = nsv * nh * hd <= merge_max
         if merge_max:
             out.fill(np.nan)
-            _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv), (128,), (state, q, kc, vc, part_acc, part_ml, cnt, out, *xa,
-                                                                _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
-                                                                np.float32(1 / math.sqrt(hd)), _i32(merge_max)))
+            hpb = min(G, 4)
+            _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv, -(-G // hpb)), (128,), (
+                state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
+                np.float32(1 / math.sqrt(hd)), _i32(merge_max), _i32(hpb)))
             assert bool(cupy.isnan(out).all()) == late
         y = cupy.asarray(base)
         _fn("fd_oproj")((5,), (256,), (arena_o, state, _i32(QID["Q8_0"]), _i64(wo_off),

@@ -17,7 +17,7 @@ from gpu_decode import MODELS  # noqa: E402
 
 import rocmforge_lab as rf  # noqa: E402
 from rocmforge_lab import synth  # noqa: E402
-from rocmforge_lab.backend.fast_decode import FastDecoder, fast_prefill  # noqa: E402
+from rocmforge_lab.backend.fast_decode import FastDecoder  # noqa: E402
 
 key = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
 spec = next(m for m in MODELS if m[0] == key)
@@ -27,6 +27,6 @@ path = synth.make_gguf(Path("/tmp") / f"{shape}-{qtype}.gguf", arch=arch, shape=
 m = rf.load(str(path), device="gpu", progress=False)
 s = m.session(n_ctx=656)
 prompt = np.random.default_rng(0).integers(100, 20000, size=512).tolist()
-tok = int(np.argmax(fast_prefill(s, prompt)[-1]))
+tok = int(np.argmax(s.forward(prompt, last_only=True)[-1]))
 fd = FastDecoder(m, s, graph=False)
 print(fd.decode(tok, 2))

@@ -13,8 +13,9 @@ into the residual). No kernel has a serial "last block" phase but the output's a
   * the residual's consumers (qkv, gate/up, output) normalize it themselves: every block reads the
     d_model floats of `resid` from L2, computes the RMSNorm and quantizes it into shared memory
     (16-bit integers per 32-value block, 8 values per thread), so o-proj / down just add their rows;
-  * attention writes per-split partials (max, sum, V accumulation) and, while the valid splits x
-    n_head x head_dim stay <= MERGE_MAX (12288 floats: the small models' contexts of ~1-2k tokens),
+  * attention (one block per 64-key split, KV head and slice of <= 4 query heads: `att_hpb`) writes
+    per-split partials (max, sum, V accumulation) and, while the valid splits x n_head x head_dim
+    stay <= MERGE_MAX (12288 floats: ~1.3k / ~0.8k tokens for SmolLM2 / Qwen2.5-0.5B shapes),
     every o-proj block merges them itself ("late merge"); beyond that the attention's last block per
     KV head merges and quantizes its output (`DecodePlan.merge_max`; both kernels decide from the
     position, so one graph serves every position);

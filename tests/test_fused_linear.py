@@ -97,3 +97,26 @@ def test_intervention_on_the_shared_input_reaches_every_member(smollm2_cpu):
         _, tr = _forward_trace(model, ids, names, {norm: _scale_by(factor)})
         for name in members:
             np.testing.assert_allclose(tr[name], factor * clean[name], rtol=1e-4, atol=1e-4)
+
+
+def test_backend_ops_leave_their_inputs_unchanged():
+    """Ops work in place on their own outputs only (a hook or trace holds the inputs)."""
+    from rocmforge_lab.backend.numpy_backend import NumpyBackend
+
+    be = NumpyBackend()
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 4, 8)).astype(np.float32)
+        keep = x.copy()
+        for style in ("normal", "neox"):
+            be.rope(x, np.arange(n, dtype=np.int32) + 5, 8, 10000.0, style)
+            be.rope(x, np.arange(n, dtype=np.int32) + 5, 4, 10000.0, style)
+        h = rng.standard_normal((n, 16)).astype(np.float32)
+        g, u, sc = h.copy(), h[:, ::-1].copy(), rng.standard_normal((2, n, 5)).astype(np.float32)
+        kept = [h.copy(), g.copy(), u.copy(), sc.copy()]
+        be.rms_norm(h, np.ones(16, np.float32), 1e-5)
+        be.swiglu(g, u)
+        be.softmax(sc)
+        np.testing.assert_array_equal(x, keep)
+        for a, b in zip((h, g, u, sc), kept):
+            np.testing.assert_array_equal(a, b)

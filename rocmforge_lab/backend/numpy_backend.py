@@ -127,7 +127,7 @@ class NumpyBackend:
         half = n_rot // 2
         rot = self._rope_table(n_rot, base, int(positions.max()) + 1)[positions][:, None, :]
         if style == "normal" and n_rot == x.shape[-1]:  # every pair rotates: no copy of the rest
-            pairs = np.ascontiguousarray(x).view(np.complex64)
+            pairs = np.array(x, dtype=np.float32, order="C").view(np.complex64)  # a copy: x stays as it was
             pairs *= rot
             return pairs.view(np.float32)
         out = x.copy()

@@ -2,13 +2,15 @@
 //
 //   rms_norm(x, w, out, n, d, eps)
 //     out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * w[:]     x, out: [n, d] f32; w: [d] f32
+//   rms_norm_f16: the same, out rounded to f16 (the prefill GEMMs' input, backend/prefill.py)
 //   One block per row; block-wide f32 sum of squares (each thread sums a strided slice,
 //   then warp shuffles and one shared-memory pass).
 // Reference: float64 numpy in tests/gpu/test_norm.py.
 #include "compat.h"
 
-RF_KERNEL void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
-                        int n, int d, float eps) {
+template <class O>
+RF_DEV void rms_norm_impl(const float* __restrict__ x, const float* __restrict__ w, O* __restrict__ out,
+                          int n, int d, float eps) {
     __shared__ float scratch[32];
     const int i = blockIdx.x;
     if (i >= n) return;  // block-uniform
@@ -20,6 +22,13 @@ RF_KERNEL void rms_norm(const float* __restrict__ x, const float* __restrict__ w
     }
     ss = rf_block_sum(ss, scratch);
     const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    float* o = out + (rf_i64)i * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+    O* o = out + (rf_i64)i * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) rf_store(o + c, xr[c] * inv * w[c]);
+}
+
+RF_KERNEL void rms_norm(const float* x, const float* w, float* out, int n, int d, float eps) {
+    rms_norm_impl<float>(x, w, out, n, d, eps);
+}
+RF_KERNEL void rms_norm_f16(const float* x, const float* w, rf_u16* out, int n, int d, float eps) {
+    rms_norm_impl<rf_u16>(x, w, out, n, d, eps);
 }

@@ -4,13 +4,11 @@
 // in chunks). These kernels sit between the GEMMs and fold the small elementwise steps together,
 // so one layer takes ~20 launches instead of ~40 (prefill of small models is bound by launches):
 //
-//   pf_rms_norm_f16(x, w, out_h, n, d, eps)
-//     out_h[i, :] = f16( x[i, :] / sqrt(mean(x[i, :]^2) + eps) * w[:] )    x: [n, d] f32
-//     (the same arithmetic as norm.hip's rms_norm, rounded once to f16: the GEMM's input)
+//   (RMSNorm to f16 for the GEMM inputs: norm.hip's rms_norm_f16)
 //   pf_qkv_rope_store_{f16,f32}(qkv, bias, q_out, k_cache, v_cache, positions, n, n_head, n_head_kv,
 //                               head_dim, n_rot, base, neox, layer, n_ctx, start)
 //     qkv: [n, (n_head + 2 n_head_kv) * head_dim] f32, the Q|K|V product of the layer; bias: the
-//     same width or null. Adds the bias, rotates Q and K (rope.hip's arithmetic: angle in double),
+//     same width or null. Adds the bias, rotates Q and K (rope_math.h, as rope.hip),
 //     writes Q to q_out [n, n_head, head_dim] f32 and K, V to the cache at positions start.. .
 //     One thread per (token, head of Q|K|V, pair of values).
 //   pf_swiglu_f16(gu, out_h, n, ff)
@@ -18,23 +16,7 @@
 //     (elementwise.hip's swiglu arithmetic, rounded once to f16: the down projection's input)
 // Reference: tests/gpu/test_prefill.py (against the op-by-op program on the same backend).
 #include "compat.h"
-
-RF_KERNEL void pf_rms_norm_f16(const float* __restrict__ x, const float* __restrict__ w,
-                               rf_u16* __restrict__ out, int n, int d, float eps) {
-    __shared__ float scratch[32];
-    const int i = blockIdx.x;
-    if (i >= n) return;  // block-uniform
-    const float* xr = x + (rf_i64)i * d;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        const float t = xr[c];
-        ss += t * t;
-    }
-    ss = rf_block_sum(ss, scratch);
-    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    rf_u16* o = out + (rf_i64)i * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = rf_f2h(xr[c] * inv * w[c]);
-}
+#include "rope_math.h"
 
 template <class C>
 RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* __restrict__ bias,
@@ -57,8 +39,7 @@ RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* _
         // the two values of this pair: rotated pairs as rope.hip pairs them, the tail as (c, c+1)
         int a, b;
         if (i < half_rot) {
-            a = neox ? i : 2 * i;
-            b = neox ? i + half_rot : 2 * i + 1;
+            rf_rope_pair_index(i, half_rot, neox, &a, &b);
         } else {
             a = n_rot + 2 * (i - half_rot);
             b = a + 1;
@@ -69,15 +50,7 @@ RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* _
             x1 += brow[b];
         }
         const bool is_v = head >= n_head + n_head_kv;
-        if (!is_v && i < half_rot) {
-            const double inv_freq = pow((double)base, -2.0 * (double)i / (double)n_rot);
-            const double theta = (double)positions[tok] * inv_freq;
-            const float cs = (float)cos(theta), sn = (float)sin(theta);
-            const float r0 = x0 * cs - x1 * sn;
-            const float r1 = x0 * sn + x1 * cs;
-            x0 = r0;
-            x1 = r1;
-        }
+        if (!is_v && i < half_rot) rf_rope_rotate(&x0, &x1, positions[tok], i, n_rot, base);
         if (head < n_head) {
             float* o = q_out + ((rf_i64)tok * n_head + head) * head_dim;
             o[a] = x0;

@@ -10,6 +10,7 @@
 //   of 1000+ times inverse frequencies need more than f32 to stay within 1e-6 rad).
 // Reference: float64 numpy in tests/gpu/test_rope.py.
 #include "compat.h"
+#include "rope_math.h"
 
 RF_KERNEL void rope(const float* __restrict__ x, float* __restrict__ out, const int* __restrict__ positions,
                     int n, int heads, int head_dim, int n_rot, float base, int neox) {
@@ -30,13 +31,11 @@ RF_KERNEL void rope(const float* __restrict__ x, float* __restrict__ out, const 
             if (c + 1 < head_dim) o[c + 1] = xr[c + 1];
             continue;
         }
-        const double inv_freq = pow((double)base, -2.0 * (double)i / (double)n_rot);
-        const double theta = (double)positions[tok] * inv_freq;
-        const float cs = (float)cos(theta), sn = (float)sin(theta);
-        const int a = neox ? i : 2 * i;
-        const int b = neox ? i + half_rot : 2 * i + 1;
-        const float x0 = xr[a], x1 = xr[b];
-        o[a] = x0 * cs - x1 * sn;
-        o[b] = x0 * sn + x1 * cs;
+        int a, b;
+        rf_rope_pair_index(i, half_rot, neox, &a, &b);
+        float x0 = xr[a], x1 = xr[b];
+        rf_rope_rotate(&x0, &x1, positions[tok], i, n_rot, base);
+        o[a] = x0;
+        o[b] = x1;
     }
 }

@@ -8,7 +8,7 @@ The same math as model.py's program on the GPU backend, arranged for launch coun
 small model is bound by the host launching kernels, not by the GPU (benchmarks/prefill_profile.py).
 Per layer and chunk of up to `CHUNK` tokens:
 
-    pf_rms_norm_f16           x -> f16 normalized input                              (prefill.hip)
+    rms_norm_f16              x -> f16 normalized input                                 (norm.hip)
     dequant + cuBLAS GEMM     Q|K|V rows of the three weights into one [n, q+k+v] product
     pf_qkv_rope_store         bias, RoPE of Q and K, K/V into the cache              (prefill.hip)
     attn_prefill              tiled online-softmax attention                 (attention_prefill.hip)
@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import cupy_backend as CB
 from . import kernels as K
 
 KERNEL_FILE = "prefill"
@@ -100,7 +101,8 @@ class GpuPrefill:
         self.output_norm = W["output_norm.weight"]
         self.output = W["token_embd.weight" if cfg.tied_output else "output.weight"]
         self._fn = {name: K.get_function(KERNEL_FILE, name) for name in
-                    ("pf_rms_norm_f16", "pf_swiglu_f16", "pf_qkv_rope_store_f16", "pf_qkv_rope_store_f32")}
+                    ("pf_swiglu_f16", "pf_qkv_rope_store_f16", "pf_qkv_rope_store_f32")}
+        self._fn["rms_norm_f16"] = K.get_function("norm", "rms_norm_f16")
         self._f32_to_f16 = K.get_function("elementwise", "f32_to_f16")
 
     # ------------------------------------------------------------------ GEMM over stacked weights
@@ -140,11 +142,12 @@ class GpuPrefill:
         for launches, m, c0 in plan.steps:
             for fn, grid, args in launches:
                 fn(grid, (256,), args)
-            cublas.gemmEx(handle, 1, 0, m, n, k,                        # op T (weights), op N (x)
-                          self._one.ctypes.data, plan.scratch_ptr, 2, k,  # CUDA_R_16F, lda = k
-                          x_h.data.ptr, 2, k,
-                          beta.ctypes.data, out.data.ptr + c0 * 4, 0, ldc,  # CUDA_R_32F
-                          68, -1)                                      # COMPUTE_32F, GEMM_DEFAULT
+            # column-major view (as CupyBackend._gemm_ex_call): C[m, n] = W_chunk[m, k] @ x[n, k].T
+            cublas.gemmEx(handle, CB._CUBLAS_OP_T, CB._CUBLAS_OP_N, m, n, k,
+                          self._one.ctypes.data, plan.scratch_ptr, CB._CUDA_R_16F, k,
+                          x_h.data.ptr, CB._CUDA_R_16F, k,
+                          beta.ctypes.data, out.data.ptr + c0 * 4, CB._CUDA_R_32F, ldc,
+                          CB._CUBLAS_COMPUTE_32F, CB._CUBLAS_GEMM_DEFAULT)
 
     # ------------------------------------------------------------------ the pass
     def run(self, session, ids: Sequence[int]) -> np.ndarray:
@@ -221,7 +224,7 @@ class GpuPrefill:
         rope_grid = be._grid(rope_items, 256, 16384)
         rope_fn = self._fn[f"pf_qkv_rope_store_{cache}"]
         attn_fn = K.get_function("attention_prefill", f"attn_prefill_{cache}_hd{hd}")
-        norm_fn, swiglu_fn = self._fn["pf_rms_norm_f16"], self._fn["pf_swiglu_f16"]
+        norm_fn, swiglu_fn = self._fn["rms_norm_f16"], self._fn["pf_swiglu_f16"]
         swiglu_grid = be._grid(n * ff, 256, 16384)
         att_grid = be._grid(n * nh * hd, 256, 8192)
         scale = f32(1.0 / math.sqrt(hd))

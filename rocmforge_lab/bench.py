@@ -68,8 +68,21 @@ def bench_model(model, n_prompt: int = 64, n_gen: int = 32, repetitions: int = 3
     """Time prefill of `n_prompt` tokens and decode of `n_gen` tokens (greedy), median of repetitions.
 
     Prompt tokens are fixed ids drawn from the vocabulary with a fixed seed, so runs compare.
-    On a GPU, decode runs the graphed fast path unless `fast=False` (then op by op).
+    On a GPU, prefill and decode run the fused fast paths unless `fast=False` (then op by op).
     """
+    if fast or model.device != "gpu":
+        return _bench_model(model, n_prompt, n_gen, repetitions, fast)
+    from .backend import fast_decode
+
+    was = fast_decode.FAST_DEFAULT
+    fast_decode.set_fast(False)
+    try:
+        return _bench_model(model, n_prompt, n_gen, repetitions, fast)
+    finally:
+        fast_decode.set_fast(was)
+
+
+def _bench_model(model, n_prompt: int, n_gen: int, repetitions: int, fast: bool) -> dict:
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     prompt = rng.integers(100, min(vocab, 20000), size=n_prompt).tolist()

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="BLAS threads for CPU prefill (default: cores)")
     p.add_argument("--decode-threads", type=int, default=None, help="BLAS threads for CPU decode (default: cores)")
-    p.add_argument("--no-fast", action="store_true", help="GPU: decode op by op instead of the graphed fast path")
+    p.add_argument("--no-fast", action="store_true", help="GPU: prefill and decode op by op instead of the fused fast paths")
     p.add_argument("--profile", action="store_true", help="GPU: print per-kernel time of one fast decode step")
     p.set_defaults(func=cmd_bench)
 

@@ -179,11 +179,22 @@ class Session:
         if first not in stop_ids and max_tokens > 1:
             yield from fast.stream_tokens(first, max_tokens - 1, stop_ids)
 
-    def _fast_decoder(self, params: SamplingParams):
-        """The GPU fast decoder when it applies: greedy without penalties, no hooks or traces."""
-        plain_greedy = params.greedy and params.repetition_penalty == 1.0 and \
-            params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-        if self.model.backend.name == "numpy" or self._hooks or not plain_greedy:
+    def _fast_sampled_tokens(self, fast, logits: np.ndarray, sampler: Sampler, history: list[int],
+                             max_tokens: int, stop_ids: set[int]) -> Iterator[int]:
+        """Sampled tokens with the GPU fast path computing the logits: one graph replay per token,
+        then the logits come back to the host sampler (one synchronisation per token, unlike
+        greedy decoding, whose argmax stays on the device)."""
+        for step in range(max_tokens):
+            token = sampler(logits, history)
+            yield token
+            if token in stop_ids or step + 1 == max_tokens:
+                return
+            history.append(token)
+            logits = fast.step_logits(token)
+
+    def _fast_decoder(self):
+        """The GPU fast decoder when it applies: GPU backend, no hooks or traces."""
+        if self.model.backend.name == "numpy" or self._hooks:
             return None
         from .backend.fast_decode import fast_decoder_for
 
@@ -211,10 +222,17 @@ class Session:
         t0 = time.perf_counter()
         logits = self.forward(prompt_ids, last_only=True)[-1]
         t_prefill = time.perf_counter() - t0
-        fast = self._fast_decoder(params)
-        source = (self._fast_tokens(fast, logits, max_tokens, stop_ids) if fast is not None
-                  else self._step_tokens(logits, Sampler(params), history, max_tokens, stop_ids))
-        res.timings["path"] = f"gpu fast ({fast.mode})" if fast is not None else f"{self.model.backend.name} step"
+        fast = self._fast_decoder()
+        plain_greedy = params.greedy and params.repetition_penalty == 1.0 and \
+            params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+        if fast is None:
+            source = self._step_tokens(logits, Sampler(params), history, max_tokens, stop_ids)
+        elif plain_greedy:
+            source = self._fast_tokens(fast, logits, max_tokens, stop_ids)
+        else:
+            source = self._fast_sampled_tokens(fast, logits, Sampler(params), history, max_tokens, stop_ids)
+        res.timings["path"] = (f"{self.model.backend.name} step" if fast is None else
+                               f"gpu fast ({fast.mode}{'' if plain_greedy else ', host sampling'})")
         emitted = ""
         generated: list[int] = []
         n_produced = 0

@@ -75,3 +75,26 @@ def test_bad_parameters_are_named(kwargs, match):
 def test_nan_logits_raise():
     with pytest.raises(FloatingPointError):
         Sampler(SamplingParams())(np.array([0.0, np.nan], np.float32))
+
+
+def test_top_p_equals_a_full_stable_sort():
+    """top_p_filter sorts only the likeliest candidates: the kept set must be exactly the one a full
+    stable sort by descending probability gives (ties included, vocabularies of any size)."""
+    from rocmforge_lab.sampling import softmax, top_p_filter
+
+    def full_sort(logits, p):
+        probs = softmax(logits)
+        order = np.argsort(-probs, kind="stable")
+        n_keep = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)
+        keep = np.zeros(logits.shape, bool)
+        keep[order[:n_keep]] = True
+        return np.where(keep, logits, -np.inf).astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        n = int(rng.integers(1, 60000))
+        logits = (rng.standard_normal(n) * rng.choice([0.1, 1.0, 3.0, 10.0, 30.0])).astype(np.float32)
+        if case % 3 == 0:
+            logits = np.round(logits)  # many exact ties
+        p = float(rng.choice([0.01, 0.5, 0.9, 0.95, 0.999, 0.99999]))
+        np.testing.assert_array_equal(top_p_filter(logits, p), full_sort(logits, p), err_msg=f"case {case}")

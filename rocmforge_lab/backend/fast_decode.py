@@ -787,7 +787,7 @@ class FastDecoder:
 
     def step_logits(self, token: int) -> np.ndarray:
         """One step (feeds `token` at the session's position, appends it) and returns its logits
-        [vocab] as float32 numpy: for tests comparing the fast path with the step path."""
+        [vocab] as float32 numpy (synchronises): sampled generation on the host, and tests."""
         session = self.session_ref()
         toks = self.decode(token, 1)
         assert len(toks) == 1 and session is not None

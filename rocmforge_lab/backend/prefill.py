@@ -258,10 +258,13 @@ _PREFILLS: "weakref.WeakKeyDictionary[Any, GpuPrefill | None]" = weakref.WeakKey
 
 
 def prefill_for(model) -> GpuPrefill | None:
-    """The model's fused prefill (built once), or None where it does not apply (CPU backend, no
-    f16 GEMMs, an unsupported head size or RoPE)."""
-    if getattr(model.backend, "name", None) != "cupy":
-        return None
+    """The model's fused prefill (built once), or None where it does not apply (CPU backend, fast
+    paths switched off with `fast_decode.set_fast(False)`, no f16 GEMMs, an unsupported head size
+    or RoPE)."""
+    from . import fast_decode
+
+    if getattr(model.backend, "name", None) != "cupy" or not fast_decode.FAST_DEFAULT:
+        return None  # (set_fast(False) / --no-fast: every pass op by op)
     try:
         return _PREFILLS[model]
     except KeyError:

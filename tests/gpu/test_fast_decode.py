@@ -411,3 +411,38 @@ def test_fast_decoder_for_session_rules(tmp_path_factory):
     finally:
         F.set_fast(True)
     assert F.fast_decoder_for(s.fork()) is not fd
+
+
+def test_sampled_generation_takes_the_fast_path(tmp_path_factory):
+    """Non-greedy sampling: the graph computes the logits, the host samples. With top_k=1 the
+    sampler is greedy, so the tokens must equal the step path's (up to a near-tie), and a seeded
+    temperature-1 run must repeat itself and leave the cache as the step path would."""
+    import rocmforge_lab.backend.fast_decode as F
+
+    m = _model(tmp_path_factory, "qwen2", "q4_k_m")
+    prompt = [5, 9, 100, 33, 7, 250, 11]
+    s = m.session(n_ctx=128)
+    r = s.generate(prompt, max_tokens=24, temperature=0.7, top_k=1)
+    assert r.timings["path"].startswith("gpu fast") and "host sampling" in r.timings["path"]
+    ref_s = m.session(n_ctx=128)
+    F.set_fast(False)
+    try:
+        ref = ref_s.generate(prompt, max_tokens=24, temperature=0.7, top_k=1)
+    finally:
+        F.set_fast(True)
+    assert ref.timings["path"] == "cupy step"
+    assert r.token_ids[:8] == ref.token_ids[:8]  # synthetic models: no near-ties this early
+    assert s.tokens == ref_s.tokens[:len(s.tokens)]
+    a = m.session(n_ctx=128).generate(prompt, max_tokens=16, temperature=1.0, seed=3)
+    b_s = m.session(n_ctx=128)
+    b = b_s.generate(prompt, max_tokens=16, temperature=1.0, seed=3)
+    assert a.token_ids == b.token_ids
+    # the cache the fast path filled gives the step path's logits for the next token
+    nxt = b_s.forward([1], last_only=True)
+    fresh = m.session(n_ctx=128)
+    F.set_fast(False)
+    try:
+        want = fresh.forward(list(b_s.tokens), last_only=True)
+    finally:
+        F.set_fast(True)
+    assert _rel(nxt, want) < 1e-2

@@ -45,6 +45,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy without penalties: the next token is the argmax of the raw logits (what the GPU
+        fast path computes on the device)."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0)
+
 
 def apply_penalties(logits: np.ndarray, history: Sequence[int], params: SamplingParams) -> np.ndarray:
     """Repetition (CTRL-style, divide positive / multiply negative logits), presence and frequency

@@ -114,17 +114,13 @@ class Session:
             pf = prefill_for(self.model)  # the fused GPU prefill (None where it does not apply)
             if pf is not None:
                 return pf.run(self, ids)
-        if self._hooks:
-            state, ops = self.begin_forward(ids, last_only=last_only)
-            with self.model.threads(state.n_tokens):
+        state, ops = self.begin_forward(ids, last_only=last_only)
+        with self.model.threads(state.n_tokens):
+            if self._hooks:
                 for _ in ops:
                     pass
-            return self.finish_forward(state)
-        ids = self._check_ids(ids)
-        tf = self.model.transformer
-        state = tf.new_state(ids, self.n_past, self.k_cache, self.v_cache, last_only=last_only)
-        with self.model.threads(state.n_tokens):
-            tf.forward(state)
+            else:  # no hooks: the plain loop, without the op iterator's per-op work
+                self.model.transformer.forward(state)
         return self.finish_forward(state)
 
     def truncate(self, n_tokens: int) -> None:
@@ -161,16 +157,20 @@ class Session:
             raise ValueError("prompt encodes to no tokens")
         return ids
 
-    def _step_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int],
-                     max_tokens: int, stop_ids: set[int]) -> Iterator[int]:
-        """Tokens from the op-by-op path: sample, feed back, repeat."""
+    def _step_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], max_tokens: int,
+                     stop_ids: set[int], next_logits=None) -> Iterator[int]:
+        """Sample, feed back, repeat. `next_logits(token)` computes the logits after `token`: the
+        op-by-op path by default; the GPU fast path's graph replay for sampled GPU generation (the
+        logits then come back to the host sampler: one synchronisation per token, unlike greedy
+        decoding, whose argmax stays on the device)."""
+        next_logits = next_logits or (lambda token: self.forward([token], last_only=True)[-1])
         for step in range(max_tokens):
             token = sampler(logits, history)
             yield token
             if token in stop_ids or step + 1 == max_tokens:
                 return
             history.append(token)
-            logits = self.forward([token], last_only=True)[-1]
+            logits = next_logits(token)
 
     def _fast_tokens(self, fast, logits: np.ndarray, max_tokens: int, stop_ids: set[int]) -> Iterator[int]:
         """Greedy tokens from the GPU fast path (one graph replay per token)."""
@@ -178,19 +178,6 @@ class Session:
         yield first
         if first not in stop_ids and max_tokens > 1:
             yield from fast.stream_tokens(first, max_tokens - 1, stop_ids)
-
-    def _fast_sampled_tokens(self, fast, logits: np.ndarray, sampler: Sampler, history: list[int],
-                             max_tokens: int, stop_ids: set[int]) -> Iterator[int]:
-        """Sampled tokens with the GPU fast path computing the logits: one graph replay per token,
-        then the logits come back to the host sampler (one synchronisation per token, unlike
-        greedy decoding, whose argmax stays on the device)."""
-        for step in range(max_tokens):
-            token = sampler(logits, history)
-            yield token
-            if token in stop_ids or step + 1 == max_tokens:
-                return
-            history.append(token)
-            logits = fast.step_logits(token)
 
     def _fast_decoder(self):
         """The GPU fast decoder when it applies: GPU backend, no hooks or traces."""
@@ -223,16 +210,14 @@ class Session:
         logits = self.forward(prompt_ids, last_only=True)[-1]
         t_prefill = time.perf_counter() - t0
         fast = self._fast_decoder()
-        plain_greedy = params.greedy and params.repetition_penalty == 1.0 and \
-            params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
         if fast is None:
             source = self._step_tokens(logits, Sampler(params), history, max_tokens, stop_ids)
-        elif plain_greedy:
+        elif params.plain_argmax:
             source = self._fast_tokens(fast, logits, max_tokens, stop_ids)
         else:
-            source = self._fast_sampled_tokens(fast, logits, Sampler(params), history, max_tokens, stop_ids)
+            source = self._step_tokens(logits, Sampler(params), history, max_tokens, stop_ids, fast.step_logits)
         res.timings["path"] = (f"{self.model.backend.name} step" if fast is None else
-                               f"gpu fast ({fast.mode}{'' if plain_greedy else ', host sampling'})")
+                               f"gpu fast ({fast.mode}{'' if params.plain_argmax else ', host sampling'})")
         emitted = ""
         generated: list[int] = []
         n_produced = 0

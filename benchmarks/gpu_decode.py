@@ -170,7 +170,12 @@ def bench_one(spec, args, bw):
     if args.tune:
         best = (r["decode_tok_s"], {})
         r["tune"] = []
-        for tune in TUNES[1:]:
+        tunes = TUNES[1:]
+        if args.tunes:
+            tunes = [{k: (bool(int(v)) if k in ("early_state", "early_state_attn", "pdl", "pair") else int(v))
+                      for k, v in (kv.split("=") for kv in variant.split("+"))}
+                     for variant in args.tunes.split(",")] + [{}]
+        for tune in tunes:
             try:
                 fdv = FastDecoder(m, s, tune=tune)
                 fdv.decode(tok0, 4)
@@ -235,6 +240,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-prefill", default="smollm2")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tunes", default="", help="with --tune: only these variants, e.g. early_state=0,pdl=0+merge_max=0 "
+                    "(',' between variants, '+' between the keys of one; the defaults are re-measured after them)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dir", default="/tmp")
     args = ap.parse_args(argv)

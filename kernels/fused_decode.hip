@@ -126,6 +126,13 @@ RF_DEV void fd_pdl_sync() {
     fd_pdl_wait();
     fd_pdl_trigger();
 }
+// "Early state" (template flag ES of fd_attn / fd_oproj / fd_matvec; the "_ls" kernels read it late):
+// the position and done flag are read before fd_pdl_wait(), so no kernel starts its post-wait chain
+// with a dependent state load (the o-projection and down kernels branched on it before any load).
+// Safe for every kernel but the step's first (fd_qkv of layer 0, which keeps reading it after the
+// wait): only fd_output writes state, and a kernel's prologue runs after its predecessor's
+// fd_pdl_wait() returned, so the previous step's fd_output has completed. Volatile: past L1.
+RF_DEV int fd_ld_state(const int* state, int i) { return *(const volatile int*)(state + i); }
 
 // ---- quantized activation vectors ------------------------------------------------------------
 // A vector x of n values (n % 32 == 0) is kept in global memory as h[n/4], l[n/4] (int words
@@ -1094,7 +1101,7 @@ RF_DEV void fd_cvt8(const fd_u4* r, float* o, const float*) {
     o[4] = __uint_as_float(b.x); o[5] = __uint_as_float(b.y); o[6] = __uint_as_float(b.z); o[7] = __uint_as_float(b.w);
 }
 
-template <class C, int HD>
+template <class C, int HD, bool ES>
 RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict__ q, const C* __restrict__ kc,
                          const C* __restrict__ vc, float* part_acc, float* part_ml, int* counters, float* out,
                          int* oh, int* ol, float* os, float* osum, int layer, int n_head, int n_kv, int n_ctx,
@@ -1116,6 +1123,11 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     const rf_i64 cache_off = ((rf_i64)layer * n_kv + kvh) * n_ctx * HD;
     const C* kb = kc + cache_off + (rf_i64)j0 * HD;
     const C* vb = vc + cache_off + (rf_i64)j0 * HD;
+    int L = 0, done = 0;
+    if (ES) {  // early state: loaded now, used after the K/V loads below are issued (no branch before them)
+        done = fd_ld_state(state, FD_ST_DONE);
+        L = fd_ld_state(state, FD_ST_POS) + 1;
+    }
     // this thread's half K row (raw) and a prefetch of the V rows: issued before the position and q
     constexpr int KRW = (HD / 16) * (int)sizeof(C) / 2;  // 16-byte words of a half row
     fd_u4 kraw[KRW];
@@ -1136,9 +1148,13 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
         const int j = 16 * sw + k;
         if (j0 + j < n_ctx) vraw[k].load(vb + (rf_i64)j * HD + l32 * KPL);
     }
+    // early state: a finished sequence, or a split past the position (late merge), returns before the wait
+    if (ES && (done || (j0 >= L && ((L + FD_ATT_KEYS - 1) / FD_ATT_KEYS) * n_head * HD <= merge_max))) return;
     fd_pdl_sync();
-    if (state[FD_ST_DONE]) return;
-    const int L = state[FD_ST_POS] + 1;
+    if (!ES) {
+        if (state[FD_ST_DONE]) return;
+        L = state[FD_ST_POS] + 1;
+    }
     // the row at pos was written by fd_qkv, possibly after the loads above (programmatic launch)
     if (j0 + jj == L - 1) {
         const fd_u4* src = (const fd_u4*)(kb + (rf_i64)jj * HD + hf * (HD / 2));
@@ -1353,20 +1369,25 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     if (tid == 0) counters[kvh] = 0;
 }
 
-#define FD_ATTN_KERNEL(cname, C, HD)                                                                          \
-    RF_KERNEL void fd_attn_##cname##_hd##HD(const int* state, const float* q, const C* kc, const C* vc,        \
-                                            float* part_acc, float* part_ml, int* counters, float* out,        \
-                                            int* oh, int* ol, float* os, float* osum, int layer, int n_head,   \
-                                            int n_kv, int n_ctx, float scale, int merge_max, int hpb) {        \
-        fd_attn_impl<C, HD>(state, q, kc, vc, part_acc, part_ml, counters, out, oh, ol, os, osum, layer,       \
-                            n_head, n_kv, n_ctx, scale, merge_max, hpb);                                       \
+#define FD_ATTN_KERNEL(kname, C, HD, ES)                                                                      \
+    RF_KERNEL void kname(const int* state, const float* q, const C* kc, const C* vc, float* part_acc,          \
+                         float* part_ml, int* counters, float* out, int* oh, int* ol, float* os, float* osum,  \
+                         int layer, int n_head, int n_kv, int n_ctx, float scale, int merge_max, int hpb) {    \
+        fd_attn_impl<C, HD, ES>(state, q, kc, vc, part_acc, part_ml, counters, out, oh, ol, os, osum, layer,   \
+                                n_head, n_kv, n_ctx, scale, merge_max, hpb);                                   \
     }
-FD_ATTN_KERNEL(f16, rf_u16, 32)
-FD_ATTN_KERNEL(f16, rf_u16, 64)
-FD_ATTN_KERNEL(f16, rf_u16, 128)
-FD_ATTN_KERNEL(f32, float, 32)
-FD_ATTN_KERNEL(f32, float, 64)
-FD_ATTN_KERNEL(f32, float, 128)
+FD_ATTN_KERNEL(fd_attn_f16_hd32, rf_u16, 32, true)
+FD_ATTN_KERNEL(fd_attn_f16_hd64, rf_u16, 64, true)
+FD_ATTN_KERNEL(fd_attn_f16_hd128, rf_u16, 128, true)
+FD_ATTN_KERNEL(fd_attn_f32_hd32, float, 32, true)
+FD_ATTN_KERNEL(fd_attn_f32_hd64, float, 64, true)
+FD_ATTN_KERNEL(fd_attn_f32_hd128, float, 128, true)
+FD_ATTN_KERNEL(fd_attn_f16_hd32_ls, rf_u16, 32, false)
+FD_ATTN_KERNEL(fd_attn_f16_hd64_ls, rf_u16, 64, false)
+FD_ATTN_KERNEL(fd_attn_f16_hd128_ls, rf_u16, 128, false)
+FD_ATTN_KERNEL(fd_attn_f32_hd32_ls, float, 32, false)
+FD_ATTN_KERNEL(fd_attn_f32_hd64_ls, float, 64, false)
+FD_ATTN_KERNEL(fd_attn_f32_hd128_ls, float, 128, false)
 
 // ---- fd_matvec --------------------------------------------------------------------------------
 // y[r] = (accumulate ? y[r] : 0) + (bias ? bias[r] : 0) + W[r, :] . x   (tasks: rows r, r+1 or r; x the
@@ -1451,7 +1472,7 @@ RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, r
     }
 }
 
-template <bool ANY>
+template <bool ANY, bool ES>
 RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
                            rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
                            const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
@@ -1459,9 +1480,12 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
                            int ks) {
     __shared__ float red[32];
     __shared__ int s_last;
+    int done = 0;
+    if (ES && state != nullptr) done = fd_ld_state(state, FD_ST_DONE);
     fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
     fd_pdl_sync();
-    if (state != nullptr && state[FD_ST_DONE]) return;
+    if (!ES && state != nullptr) done = state[FD_ST_DONE];
+    if (done) return;
     FdX X;
     X.h = xh;
     X.l = xl;
@@ -1490,24 +1514,35 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
 #define FD_MATVEC_PASS                                                                                    \
     arena, state, t, off, rb, rows, cols, xh, xl, xs, xsum, bias_off, y, accumulate, counter, tail_norm_off, \
         eps, oh, ol, os, osum, pair, lpr, ks
-RF_KERNEL void fd_matvec(FD_MATVEC_ARGS) { fd_matvec_impl<false>(FD_MATVEC_PASS); }
-RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true>(FD_MATVEC_PASS); }
+RF_KERNEL void fd_matvec(FD_MATVEC_ARGS) { fd_matvec_impl<false, true>(FD_MATVEC_PASS); }
+RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true, true>(FD_MATVEC_PASS); }
+RF_KERNEL void fd_matvec_ls(FD_MATVEC_ARGS) { fd_matvec_impl<false, false>(FD_MATVEC_PASS); }
+RF_KERNEL void fd_matvec_any_ls(FD_MATVEC_ARGS) { fd_matvec_impl<true, false>(FD_MATVEC_PASS); }
 
 // ---- fd_oproj ---------------------------------------------------------------------------------
 // resid += W_o x, x = the attention output: while nsv * n_head * head_dim <= merge_max (nsv = the
 // 64-key splits holding keys 0..state.pos, as fd_attn computes it) every block merges the split
 // partials itself (fd_stage_merge) and fd_attn skipped its merge; otherwise x is the quantized
 // vector fd_attn's merge wrote (xh/xl/xs/xsum).
-template <bool ANY>
+template <bool ANY, bool ES>
 RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
                           const float* xsum, float* y, const float* part_acc, const float* part_ml, int n_head,
                           int hd, int merge_max, int pair, int lpr, int ks) {
     __shared__ FdXs xsh;
+    int done = 0, pos = 0;
+    if (ES) {
+        done = fd_ld_state(state, FD_ST_DONE);
+        pos = fd_ld_state(state, FD_ST_POS);
+    }
     fd_matvec_prefetch(arena, t, off, rb, rows, cols, pair, lpr, ks);
     fd_pdl_sync();
-    if (state[FD_ST_DONE]) return;
-    const int nsv = (state[FD_ST_POS] + FD_ATT_KEYS) / FD_ATT_KEYS;
+    if (!ES) {
+        done = state[FD_ST_DONE];
+        pos = state[FD_ST_POS];
+    }
+    if (done) return;
+    const int nsv = (pos + FD_ATT_KEYS) / FD_ATT_KEYS;
     FdX X;
     if (nsv * n_head * hd <= merge_max) {  // block-uniform
         X = fd_stage_merge(part_acc, part_ml, nsv, n_head, hd, &xsh);
@@ -1527,8 +1562,10 @@ RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict
 #define FD_OPROJ_PASS                                                                                      \
     arena, state, t, off, rb, rows, cols, xh, xl, xs, xsum, y, part_acc, part_ml, n_head, hd, merge_max, pair, \
         lpr, ks
-RF_KERNEL void fd_oproj(FD_OPROJ_ARGS) { fd_oproj_impl<false>(FD_OPROJ_PASS); }
-RF_KERNEL void fd_oproj_any(FD_OPROJ_ARGS) { fd_oproj_impl<true>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj(FD_OPROJ_ARGS) { fd_oproj_impl<false, true>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_any(FD_OPROJ_ARGS) { fd_oproj_impl<true, true>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_ls(FD_OPROJ_ARGS) { fd_oproj_impl<false, false>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_any_ls(FD_OPROJ_ARGS) { fd_oproj_impl<true, false>(FD_OPROJ_PASS); }
 
 // ---- fd_gate_up -------------------------------------------------------------------------------
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x

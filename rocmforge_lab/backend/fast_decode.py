@@ -28,7 +28,9 @@ sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_ca
 per token with no host work but `graph.launch`. On CUDA devices of compute capability >= 9.0 the
 kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
 programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
-previous kernel finishes, then waits for it (`fd_pdl_wait`). Where capture fails (a CuPy build or
+previous kernel finishes, then waits for it (`fd_pdl_wait`); the o-proj, down and (head_dim <= 64)
+attention kernels also read the position and done flag before that wait (`DecodePlan.ls`, tune
+"early_state"), so no post-wait chain starts with a state load. Where capture fails (a CuPy build or
 platform without graph support) the same launch list runs eagerly; `FastDecoder.mode` says which
 ("graph" or "eager"), `FastDecoder.pdl` whether the graph uses programmatic launches.
 
@@ -285,7 +287,7 @@ class DecodePlan:
                  Buf("k_cache"), Buf("v_cache"), _i32(i), _i32(self.n_ctx), Buf("q"), _i32(lpr)),
                 p + "qkv", "qkv", wq.nbytes + wk.nbytes + wv.nbytes))
             L.append(Launch(
-                f"fd_attn_{c}_hd{hd}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
+                f"fd_attn_{c}_hd{hd}{self.ls_attn}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
                 (Buf("state"), Buf("q"), Buf("k_cache"), Buf("v_cache"), Buf("part_acc"), Buf("part_ml"),
                  Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale),
                  _i32(self.merge_max), _i32(self.att_hpb)),
@@ -337,6 +339,22 @@ class DecodePlan:
         return -(-G // -(-G // 4))
 
     @property
+    def ls(self) -> str:
+        """Kernel-name suffix of the attention / o-proj / down launches: "" (default) reads the
+        position and done flag before waiting for the previous kernel ("early state", see
+        fd_ld_state); tune "early_state" False: "_ls", the kernels that read them after the wait."""
+        return "" if self.tune.get("early_state", True) else "_ls"
+
+    @property
+    def ls_attn(self) -> str:
+        """The attention's suffix: as `ls` for head_dim <= 64, else "_ls" (tune "early_state_attn"
+        forces either). H200, graph+PDL: the early-state attention gave +1.3% / +0.5% tok/s on top of
+        the early o-proj / down for SmolLM2 / Qwen2.5-0.5B (head_dim 64), but the head_dim-128 kernel
+        took 30 instead of 25 us (Qwen2.5-7B shape: -3.5% tok/s)."""
+        early = self.tune.get("early_state", True) and self.cfg.head_dim <= 64
+        return "" if self.tune.get("early_state_attn", early) else "_ls"
+
+    @property
     def merge_max(self) -> int:
         """fd_attn / fd_oproj "late merge" bound: while (splits holding keys 0..pos) x n_head x
         head_dim <= merge_max, every o-projection block merges the attention's split partials itself
@@ -362,14 +380,14 @@ class DecodePlan:
         if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
             cfg = self.cfg
             return Launch(
-                "fd_oproj" + any_, grid, block,
+                "fd_oproj" + any_ + self.ls, grid, block,
                 (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
                  _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
                  Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
                  _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
                 label, kind, w.nbytes)
         return Launch(
-            "fd_matvec" + ("" if w.qtype in FAST_TYPES else "_any"), grid, block,
+            "fd_matvec" + any_ + self.ls, grid, block,
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
              _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), _i64(-1),
              Buf("resid"), _i32(1), None, _i64(-1), _f32(self.cfg.rms_eps), None, None, None, None,

@@ -84,7 +84,8 @@ def test_emu_fused_matvec(qtype):
     kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
     # (warp size, lanes per group, accumulate, kernel, groups per task: split-K inside the block)
     cases = [(32, 8, 0, kernels[-1], 1), (32, 16, 1, kernels[0], 1), (32, 32, 1, kernels[-1], 1),
-             (32, 32, 1, kernels[0], 2), (32, 8, 1, kernels[-1], 4)]
+             (32, 32, 1, kernels[0], 2), (32, 8, 1, kernels[-1], 4),
+             (32, 16, 1, kernels[0] + "_ls", 2)]  # _ls: the state read after the PDL wait
     if os.environ.get("RF_EMU_FULL") or qtype in ("Q4_K", "Q6_K", "Q4_1"):
         cases += [(64, 32, 1, kernels[0], 1), (64, 32, 0, kernels[0], 4)]
     for ws, lpr, acc, kern, ks in cases:
@@ -158,12 +159,13 @@ def test_emu_fused_gate_up(qpair):
     assert np.all(act2 == 7.0)
 
 
+@pytest.mark.parametrize("ls", ["", "_ls"])  # _ls: the kernels that read the state after the PDL wait
 @pytest.mark.parametrize("ws,merge_max,nh,n_ctx,pos,threads", [
     (32, 12288, 4, 256, 200, 64),    # 4 splits, 4 threads per 8-value group share them
     (32, 0, 4, 256, 200, 64),        # the attention's own merge
     (64, 12288, 4, 256, 200, 128),
     (32, 12288, 16, 640, 600, 32)])  # 10 splits (two load rounds), more groups than threads
-def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads):
+def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, ls):
     """fd_attn over several 64-key splits (the last one partial), then fd_oproj: resid += W_o attention.
     merge_max 12288: every o-proj block merges the split partials itself (late merge); 0: fd_attn's
     last block merges into xa."""
@@ -189,7 +191,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads):
     scale = 1 / math.sqrt(hd)
     G = nh // nkv
     hpb = 3 if G > 3 else G  # query heads per block: the 16-head case spreads each group of 8 over 3 blocks
-    mod(ws).launch("fd_attn_f32_hd32", (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
+    mod(ws).launch("fd_attn_f32_hd32" + ls, (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
                    cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb)
     assert cnt.sum() == 0
     want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),
@@ -200,7 +202,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads):
         assert np.all(np.isnan(out))  # nothing merged here
     base = rng.standard_normal(d).astype(np.float32)
     y = base.copy()
-    mod(ws).launch("fd_oproj", (3,), (threads,), arena, state, QTYPE_ID["Q8_0"], w_off,
+    mod(ws).launch("fd_oproj" + ls, (3,), (threads,), arena, state, QTYPE_ID["Q8_0"], w_off,
                    R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
     ref = wo @ want + base
     tol = 1e-4 * (np.abs(wo) @ np.abs(want) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(want).max()
@@ -249,10 +251,10 @@ def _weights_from_gguf(path):
 class EmuDecoder:
     """Runs a DecodePlan's launches on the emulator over numpy buffers."""
 
-    def __init__(self, cfg, refs, arena, kv, n_ctx, ws=32):
+    def __init__(self, cfg, refs, arena, kv, n_ctx, ws=32, tune=None):
         from rocmforge_lab.backend.fast_decode import MAX_STOP, Buf, DecodePlan
 
-        self.plan = DecodePlan(cfg, refs, kv, n_ctx, n_sm=2, warp_size=ws)
+        self.plan = DecodePlan(cfg, refs, kv, n_ctx, n_sm=2, warp_size=ws, tune=dict(tune or {}))
         self.mod = mod(ws)
         self.bufs = {name: np.zeros(n, dt) for name, (dt, n) in self.plan.buffers.items()}
         for name, host in self.plan.init.items():
@@ -282,21 +284,24 @@ class EmuDecoder:
             self.mod.launch(l.kernel, l.grid, l.block, *[self._arg(a) for a in l.args])
 
 
-PLAN_CASES = [("llama", "q4_1", "f32"), ("qwen2", "q4_k_m", "f16")]
+PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {}),
+              ("llama", "q4_1", "f16", {"early_state": False})]  # the "_ls" kernels (state read after the wait)
 if os.environ.get("RF_EMU_FULL"):
-    PLAN_CASES += [("qwen2", "q5_0", "f32"), ("llama", "q6_k", "f16")]
+    PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
 
-@pytest.mark.parametrize("arch,qtype,kv", PLAN_CASES)
-def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv):
+@pytest.mark.parametrize("arch,qtype,kv,tune", PLAN_CASES)
+def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     from rocmforge_lab import synth
 
     path = synth.make_gguf(tmp_path / f"{arch}-{qtype}.gguf", arch=arch, shape="tiny", qtype=qtype, seed=3)
     m, refs, arena = _weights_from_gguf(path)
     cfg = m.config
     n_ctx = 16
-    dec = EmuDecoder(cfg, refs, arena, kv, n_ctx)
+    dec = EmuDecoder(cfg, refs, arena, kv, n_ctx, tune=tune)
     assert len(dec.plan.launches) == 5 * cfg.n_layer + 1
+    n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
+    assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]
     s = m.session(n_ctx=n_ctx)
     ids = [5, 77, 300, 12, 9, 401]

@@ -99,7 +99,8 @@ def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
     # (lanes per group, accumulate, threads, grid, kernel, groups per task: split-K inside the block)
     for lpr, acc, threads, grid, kern, ks in ((8, 0, 64, 1, kernels[-1], 1), (16, 1, 128, 3, kernels[0], 1),
                                               (32, 1, 256, 1000, kernels[0], 1), (32, 1, 256, 7, kernels[0], 4),
-                                              (32, 0, 256, 1000, kernels[-1], 8), (8, 1, 64, 2, kernels[0], 2)):
+                                              (32, 0, 256, 1000, kernels[-1], 8), (8, 1, 64, 2, kernels[0], 2),
+                                              (16, 1, 128, 3, kernels[0] + "_ls", 1)):  # _ls: late state read
         lpr = min(lpr, backend.warp_size)
         y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
         _fn(kern)((grid,), (threads,), (arena, None, _i32(QID[qtype]), _i64(w_off), _i64(R.row_bytes(qtype, cols)),
@@ -226,23 +227,23 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     ref_out = want[0]
     base = rng.standard_normal(rows_o).astype(np.float32)
     tol = 1e-4 * (np.abs(wo) @ np.abs(ref_out) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(ref_out).max()
-    for merge_max in (0, 12288):
+    for merge_max, ls in ((0, ""), (12288, ""), (0, "_ls"), (12288, "_ls")):  # _ls: state read after the wait
         nsv = pos // 64 + 1
         late = nsv * nh * hd <= merge_max
         if merge_max:
             out.fill(np.nan)
             hpb = min(G, 4)
-            _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv, -(-G // hpb)), (128,), (
+            _fn(f"fd_attn_{kv}_hd{hd}{ls}")((n_split, nkv, -(-G // hpb)), (128,), (
                 state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
                 np.float32(1 / math.sqrt(hd)), _i32(merge_max), _i32(hpb)))
             assert bool(cupy.isnan(out).all()) == late
         y = cupy.asarray(base)
-        _fn("fd_oproj")((5,), (256,), (arena_o, state, _i32(QID["Q8_0"]), _i64(wo_off),
+        _fn("fd_oproj" + ls)((5,), (256,), (arena_o, state, _i32(QID["Q8_0"]), _i64(wo_off),
                                        _i64(R.row_bytes("Q8_0", nh * hd)), _i32(rows_o), _i32(nh * hd), *xa, y,
                                        part_acc, part_ml, _i32(nh), _i32(hd), _i32(merge_max), _i32(1),
                                        _i32(min(32, backend.warp_size)), _i32(2)))
         err = np.abs(cupy.asnumpy(y) - (wo @ ref_out + base))
-        assert np.all(err <= tol), (merge_max, late, float(err.max()))
+        assert np.all(err <= tol), (merge_max, ls, late, float(err.max()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,8 +285,13 @@ CASES = [("llama", "q4_1", "tiny"), ("qwen2", "q4_k_m", "tiny"), ("llama", "q5_0
          ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1})]
 
 
-@pytest.mark.parametrize("arch,qtype,shape", CASES, ids=lambda v: v if isinstance(v, str) else v.get("base"))
-def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape):
+LATE_STATE_CASES = [("llama", "q4_1", "tiny", {"early_state": False}), ("qwen2", "q6_k", "tiny", {"early_state": False}),
+                    ("llama", "q4_1", {"base": "smollm2-135m", "n_layer": 2}, {"early_state": False})]
+
+
+@pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES,
+                         ids=lambda v: (v if isinstance(v, str) else v.get("base", "late_state" if v else "")))
+def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder
 
     m = _model(tmp_path_factory, arch, qtype, shape)
@@ -293,7 +299,7 @@ def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape):
     s_step, s_fast = m.session(n_ctx=128), m.session(n_ctx=128)
     s_step.forward(prompt, last_only=True)
     s_fast.forward(prompt, last_only=True)
-    fd = FastDecoder(m, s_fast)
+    fd = FastDecoder(m, s_fast, tune=tune)
     if not m.backend.is_hip:
         assert fd.mode == "graph", fd.graph_error
         assert fd.pdl == fd._pdl_wanted(), fd.pdl_error  # programmatic dependent launch on sm_90+
@@ -306,7 +312,7 @@ def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape):
         assert s_fast.n_past == s_step.n_past
         tok = int(np.argmax(ref))
     assert worst < 1e-2, worst
-    print(f"{arch} {qtype} {shape}: max relative L2 of logits fast vs step over 6 steps = {worst:.2e} ({fd.mode}, "
+    print(f"{arch} {qtype} {shape} {tune}: max relative L2 of logits fast vs step over 6 steps = {worst:.2e} ({fd.mode}, "
           f"pdl {fd.pdl})")
 
 

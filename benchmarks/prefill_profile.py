@@ -27,10 +27,11 @@ def profile_one(spec, args) -> None:
 
     import rocmforge_lab as rf
     from rocmforge_lab import synth
+
     def fused(session, ids):
         return session.forward(ids, last_only=True)  # backend/prefill.py
 
-    def fast_prefill(session, ids):  # the op-by-op program (what stepping and tracing run)
+    def op_by_op(session, ids):  # the op-by-op program (what stepping and tracing run)
         state, ops = session.begin_forward(ids, last_only=True)
         for _ in ops:
             pass
@@ -43,26 +44,22 @@ def profile_one(spec, args) -> None:
     rng = __import__("numpy").random.default_rng(0)
     prompt = [int(i) for i in rng.integers(0, m.config.vocab_size, args.n_prompt)]
     s = m.session(n_ctx=args.n_prompt + 16)
-    fast_prefill(s, prompt[:16])
-    walls = []
-    for _ in range(5):
-        s.reset()
-        cupy.cuda.Device().synchronize()
-        t = time.perf_counter()
-        fast_prefill(s, prompt)
-        cupy.cuda.Device().synchronize()
-        walls.append(time.perf_counter() - t)
-    wall = statistics.median(walls)
-    fused(s, prompt[:16])
-    walls_f = []
-    for _ in range(15):
-        s.reset()
-        cupy.cuda.Device().synchronize()
-        t = time.perf_counter()
-        fused(s, prompt)
-        cupy.cuda.Device().synchronize()
-        walls_f.append(time.perf_counter() - t)
-    wall_f = statistics.median(walls_f)
+
+    def median_wall(prefill, reps: int) -> float:
+        """Median seconds of `prefill(s, prompt)` from an empty cache (after a warm-up)."""
+        prefill(s, prompt[:16])
+        walls = []
+        for _ in range(reps):
+            s.reset()
+            cupy.cuda.Device().synchronize()
+            t = time.perf_counter()
+            prefill(s, prompt)
+            cupy.cuda.Device().synchronize()
+            walls.append(time.perf_counter() - t)
+        return statistics.median(walls)
+
+    wall = median_wall(op_by_op, 5)
+    wall_f = median_wall(fused, 15)
     print(f"\n{label}: fused prefill (backend/prefill.py) pp{args.n_prompt} {wall_f * 1e3:.2f} ms = "
           f"{args.n_prompt / wall_f:,.0f} tok/s ({args.n_prompt / wall_f / ref_pp:.2f}x llama.cpp)")
 
@@ -90,7 +87,7 @@ def profile_one(spec, args) -> None:
     s.reset()
     cupy.cuda.Device().synchronize()
     t = time.perf_counter()
-    fast_prefill(s, prompt)
+    op_by_op(s, prompt)
     cupy.cuda.Device().synchronize()
     wall_instr = time.perf_counter() - t
     for name in ops:

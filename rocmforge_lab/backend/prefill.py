@@ -156,8 +156,6 @@ class GpuPrefill:
         `session.forward(ids, last_only=True)`."""
         import cupy
 
-        from .cupy_backend import DeviceOutOfMemory, GpuOpError, device_mem_info
-
         be = self.be
         ids = session._check_ids(ids)
         be.last_op = "prefill"
@@ -169,11 +167,11 @@ class GpuPrefill:
                 h = be.rms_norm(x_last, self.output_norm, self.cfg.rms_eps)
                 logits = be.linear(h, self.output)
         except cupy.cuda.memory.OutOfMemoryError as exc:
-            free, total = device_mem_info()
-            raise DeviceOutOfMemory("activations of the fused prefill", int(getattr(exc, "size", 0) or 0),
-                                    free, total) from exc
+            free, total = CB.device_mem_info()
+            raise CB.DeviceOutOfMemory("activations of the fused prefill", int(getattr(exc, "size", 0) or 0),
+                                       free, total) from exc
         except be._errors as exc:
-            raise GpuOpError("prefill", f"{type(exc).__name__}: {exc}") from exc
+            raise CB.GpuOpError("prefill", f"{type(exc).__name__}: {exc}") from exc
         session.tokens.extend(ids)
         return be.to_numpy(logits)
 
@@ -220,9 +218,10 @@ class GpuPrefill:
         x = be.embed(self.embd, ids)                                 # [n, d] f32: the residual
         B = self._buffers(n)
         xn16, qkv, q, att, at16, gu, act16 = (B[k] for k in ("xn16", "qkv", "q", "att", "at16", "gu", "act16"))
-        rope_items = n * (nh + 2 * nkv) * (hd // 2)
-        rope_grid = be._grid(rope_items, 256, 16384)
+        rope_grid = be._grid(n * (nh + 2 * nkv) * (hd // 2), 256, 16384)
         rope_fn = self._fn[f"pf_qkv_rope_store_{cache}"]
+        rope_dims = (i32(n), i32(nh), i32(nkv), i32(hd), i32(cfg.rope_dim), f32(cfg.rope_base),
+                     i32(cfg.rope_style == "neox"))
         attn_fn = K.get_function("attention_prefill", f"attn_prefill_{cache}_hd{hd}")
         norm_fn, swiglu_fn = self._fn["rms_norm_f16"], self._fn["pf_swiglu_f16"]
         swiglu_grid = be._grid(n * ff, 256, 16384)
@@ -237,9 +236,8 @@ class GpuPrefill:
             for i, L in enumerate(self.layers):
                 norm_fn((n,), (256,), (x, L.attn_norm, xn16, i32(n), i32(d), eps))
                 self._gemm(cublas, handle, L.qkv, xn16, n, qkv, self._zero)
-                rope_fn(rope_grid, (256,), (qkv, L.qkv_bias, q, kc, vc, pos_dev, i32(n), i32(nh), i32(nkv),
-                                            i32(hd), i32(cfg.rope_dim), f32(cfg.rope_base),
-                                            i32(cfg.rope_style == "neox"), i32(i), i32(n_ctx), i32(start)))
+                rope_fn(rope_grid, (256,), (qkv, L.qkv_bias, q, kc, vc, pos_dev, *rope_dims,
+                                            i32(i), i32(n_ctx), i32(start)))
                 attn_fn(((n + 15) // 16, nh), (128,), (q, kc, vc, att, i32(i), i32(n), i32(nh), i32(nkv),
                                                        i32(n_ctx), i32(start), scale))
                 self._f32_to_f16(att_grid, (256,), (att, at16, np.int64(n * nh * hd)))

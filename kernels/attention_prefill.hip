@@ -10,6 +10,8 @@
 //       m' = max(m, s); acc = acc * e^(m - m') + e^(s - m') v; l = l * e^(m - m') + e^(s - m')
 //     (computed as powers of 2 of scores scaled by log2 e, two keys per step).
 //     out = acc / l. GQA by indexing (KV head h / (n_head / n_head_kv)).
+//   attn_prefill_dev_<c>_hd<HD>(..., const int* start, scale): the same, start read from device
+//     memory (backend/prefill.py's captured graphs serve every start position).
 //   HD in {64, 80, 96, 112, 128, 256}; other head sizes use the three-op path.
 // Reference: float64 causal softmax(q K^T * scale) V in tests/gpu/test_attention_fused.py.
 #include "compat.h"
@@ -145,13 +147,26 @@ RF_DEV void attn_prefill_impl(const float* __restrict__ q, const C* __restrict__
                                                  int start, float scale) {                                    \
         attn_prefill_impl<C, HD>(q, kc, vc, out, layer, n, n_head, n_head_kv, n_ctx, start, scale);           \
     }
+// the same with the start position read from device memory (the prefill's captured graphs)
+#define RF_PREFILL_KERNEL_DEV(C, cname, HD)                                                                   \
+    RF_KERNEL void attn_prefill_dev_##cname##_hd##HD(const float* q, const C* kc, const C* vc, float* out,    \
+                                                     int layer, int n, int n_head, int n_head_kv, int n_ctx,  \
+                                                     const int* start, float scale) {                         \
+        attn_prefill_impl<C, HD>(q, kc, vc, out, layer, n, n_head, n_head_kv, n_ctx, *start, scale);          \
+    }
 #define RF_PREFILL_ALL_HD(C, cname) \
     RF_PREFILL_KERNEL(C, cname, 64)  \
     RF_PREFILL_KERNEL(C, cname, 80)  \
     RF_PREFILL_KERNEL(C, cname, 96)  \
     RF_PREFILL_KERNEL(C, cname, 112) \
     RF_PREFILL_KERNEL(C, cname, 128) \
-    RF_PREFILL_KERNEL(C, cname, 256)
+    RF_PREFILL_KERNEL(C, cname, 256) \
+    RF_PREFILL_KERNEL_DEV(C, cname, 64)  \
+    RF_PREFILL_KERNEL_DEV(C, cname, 80)  \
+    RF_PREFILL_KERNEL_DEV(C, cname, 96)  \
+    RF_PREFILL_KERNEL_DEV(C, cname, 112) \
+    RF_PREFILL_KERNEL_DEV(C, cname, 128) \
+    RF_PREFILL_KERNEL_DEV(C, cname, 256)
 
 RF_PREFILL_ALL_HD(rf_u16, f16)
 RF_PREFILL_ALL_HD(float, f32)

@@ -6,10 +6,11 @@
 //
 //   (RMSNorm to f16 for the GEMM inputs: norm.hip's rms_norm_f16)
 //   pf_qkv_rope_store_{f16,f32}(qkv, bias, q_out, k_cache, v_cache, positions, n, n_head, n_head_kv,
-//                               head_dim, n_rot, base, neox, layer, n_ctx, start)
+//                               head_dim, n_rot, base, neox, layer, n_ctx)
 //     qkv: [n, (n_head + 2 n_head_kv) * head_dim] f32, the Q|K|V product of the layer; bias: the
 //     same width or null. Adds the bias, rotates Q and K (rope_math.h, as rope.hip),
-//     writes Q to q_out [n, n_head, head_dim] f32 and K, V to the cache at positions start.. .
+//     writes Q to q_out [n, n_head, head_dim] f32 and K, V to the cache rows positions[0..n)
+//     (device memory, so a captured graph serves every start position).
 //     One thread per (token, head of Q|K|V, pair of values).
 //   pf_swiglu_f16(gu, out_h, n, ff)
 //     gu: [n, 2 ff] f32 = gate | up (one GEMM); out_h[i, j] = f16( silu(gate) * up )
@@ -22,8 +23,7 @@ template <class C>
 RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* __restrict__ bias,
                                    float* __restrict__ q_out, C* __restrict__ kc, C* __restrict__ vc,
                                    const int* __restrict__ positions, int n, int n_head, int n_head_kv,
-                                   int head_dim, int n_rot, float base, int neox, int layer, int n_ctx,
-                                   int start) {
+                                   int head_dim, int n_rot, float base, int neox, int layer, int n_ctx) {
     const int heads = n_head + 2 * n_head_kv;   // Q heads, then K heads, then V heads
     const int width = heads * head_dim;
     const int pairs = head_dim / 2;
@@ -57,7 +57,7 @@ RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* _
             o[b] = x1;
         } else {
             const int h = is_v ? head - n_head - n_head_kv : head - n_head;
-            const int p = start + tok;
+            const int p = positions[tok];
             if (p < 0 || p >= n_ctx) continue;
             C* cache = is_v ? vc : kc;
             C* o = cache + (((rf_i64)layer * n_head_kv + h) * n_ctx + p) * head_dim;
@@ -69,15 +69,15 @@ RF_DEV void pf_qkv_rope_store_impl(const float* __restrict__ qkv, const float* _
 
 RF_KERNEL void pf_qkv_rope_store_f16(const float* qkv, const float* bias, float* q_out, rf_u16* kc, rf_u16* vc,
                                      const int* positions, int n, int n_head, int n_head_kv, int head_dim,
-                                     int n_rot, float base, int neox, int layer, int n_ctx, int start) {
+                                     int n_rot, float base, int neox, int layer, int n_ctx) {
     pf_qkv_rope_store_impl<rf_u16>(qkv, bias, q_out, kc, vc, positions, n, n_head, n_head_kv, head_dim, n_rot,
-                                   base, neox, layer, n_ctx, start);
+                                   base, neox, layer, n_ctx);
 }
 RF_KERNEL void pf_qkv_rope_store_f32(const float* qkv, const float* bias, float* q_out, float* kc, float* vc,
                                      const int* positions, int n, int n_head, int n_head_kv, int head_dim,
-                                     int n_rot, float base, int neox, int layer, int n_ctx, int start) {
+                                     int n_rot, float base, int neox, int layer, int n_ctx) {
     pf_qkv_rope_store_impl<float>(qkv, bias, q_out, kc, vc, positions, n, n_head, n_head_kv, head_dim, n_rot,
-                                  base, neox, layer, n_ctx, start);
+                                  base, neox, layer, n_ctx);
 }
 
 RF_KERNEL void pf_swiglu_f16(const float* __restrict__ gu, rf_u16* __restrict__ out, int n, int ff) {

@@ -25,7 +25,8 @@ rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
-per token with no host work but `graph.launch`. On CUDA devices of compute capability >= 9.0 the
+with no host work but `graph.launch`: a second graph holds `chunk` steps back to back (one replay per
+chunk of tokens; tune "graph_steps" 1: one replay per token). On CUDA devices of compute capability >= 9.0 the
 kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
 programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
 previous kernel finishes, then waits for it (`fd_pdl_wait`); the o-proj, down and (head_dim <= 64)
@@ -591,6 +592,9 @@ class FastDecoder:
         self._cache_ptrs = (kc.data.ptr, vc.data.ptr)
         self.timeout = float(timeout if timeout is not None else be.timeout)
         self.chunk = max(1, int(chunk))
+        # decode steps per graph replay: a chunk (tune "graph_steps" 1: one replay per token)
+        self.graph_steps = self.chunk if int(self.plan.tune.get("graph_steps", self.chunk)) > 1 else 1
+        self.graph_chunk = None
         self.window = max(1, int(window))
         self.stream = cupy.cuda.Stream(non_blocking=True)
         with self.stream:
@@ -652,20 +656,31 @@ class FastDecoder:
                 self.pdl_error = f"{type(exc).__name__}: {exc}"
         self._capture_with(self.exec.launch_all)
 
+    def _capture_one(self, launch, steps: int):
+        """A graph of `steps` consecutive decode steps (each step's kernels read the position and
+        token the previous step's fd_output wrote, so steps chain like layers do)."""
+        s = self.stream
+        with s:
+            s.begin_capture()
+            try:
+                for _ in range(steps):
+                    launch()
+            finally:
+                g = s.end_capture()
+        return g
+
     def _capture_with(self, launch) -> None:
         s = self.stream
         try:
-            with s:
-                s.begin_capture()
-                try:
-                    launch()
-                finally:
-                    g = s.end_capture()
-            self.graph = g
+            self.graph = self._capture_one(launch, 1)
+            # one replay per chunk of tokens: no host launch between the steps of a chunk, and with
+            # programmatic launch the next step's first kernel overlaps the previous step's output
+            self.graph_chunk = self._capture_one(launch, self.chunk) if self.graph_steps > 1 else None
             self.mode = "graph"
             self.graph_error = None
         except Exception as exc:  # no graph support: eager launches
             self.graph = None
+            self.graph_chunk = None
             self.mode = "eager"
             self.graph_error = f"{type(exc).__name__}: {exc}"
             try:
@@ -778,8 +793,11 @@ class FastDecoder:
                 while launched < n_tokens and len(pending) <= self.window:
                     c0 = launched
                     c1 = min(n_tokens, c0 + self.chunk)
-                    for _ in range(c1 - c0):
-                        self._launch_step()
+                    if c1 - c0 == self.chunk and self.graph_chunk is not None:
+                        self.graph_chunk.launch(self.stream)
+                    else:
+                        for _ in range(c1 - c0):
+                            self._launch_step()
                     launched = c1
                     pending.append((p0 + c0, p0 + c1, self._copy_tokens(p0 + c0, p0 + c1)))
                 if not pending:

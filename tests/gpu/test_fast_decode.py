@@ -340,6 +340,8 @@ def test_fast_greedy_tokens_equal_step_tokens(tmp_path_factory, arch, qtype, gra
     fd = FastDecoder(m, s_fast, graph=graph, chunk=3)
     assert fd.mode == ("graph" if graph and not m.backend.is_hip else fd.mode)
     assert fd.pdl == (graph and fd.mode == "graph" and fd._pdl_wanted()), fd.pdl_error
+    # full chunks replay one graph of 3 steps, the rest one step per replay
+    assert (fd.graph_chunk is not None) == (fd.mode == "graph")
     ref, margins = _step_greedy(s_step, 42, 32)
     got = fd.decode(42, 32)
     assert len(got) == 32 and s_fast.n_past == s_step.n_past == len(prompt) + 32

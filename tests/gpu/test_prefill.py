@@ -69,6 +69,38 @@ def test_fused_prefill_equals_op_by_op(tmp_path_factory, arch, qtype, shape):
     assert _rel(_step_forward(got_s, [5]), _step_forward(ref_s, [5])) < 1e-3
 
 
+def test_graph_replays_serve_any_start_and_length(tmp_path_factory):
+    """Chunks are padded to 16, 32, ... tokens and replayed from graphs captured on the second use
+    of a length (and cache); the same graph at other start positions, and the padding rows' K/V
+    written past the prompt, change nothing: every prompt and the token after them match the
+    op-by-op program."""
+    from rocmforge_lab.backend.prefill import graph_tokens, prefill_for
+
+    m = _model(tmp_path_factory, "qwen2", "q4_k_m", "tiny")
+    pf = prefill_for(m)
+    assert pf is not None
+    rng = np.random.default_rng(3)
+    vocab = m.config.vocab_size
+    # padded to 32 (eager), 16 (eager), 16 (captured, replayed), 16 (replayed at another start),
+    # 32 (eager: start 56 + 32 would run past n_ctx)
+    lengths = [20, 9, 13, 14, 30]
+    n_ctx = sum(lengths) + 1
+    assert [graph_tokens(n) for n in lengths] == [32, 16, 16, 16, 32]
+    ref_s, got_s = m.session(n_ctx=n_ctx), m.session(n_ctx=n_ctx)
+    before = pf.graph_replays
+    for n in lengths:
+        p = [int(t) for t in rng.integers(0, vocab, n)]
+        ref = _step_forward(ref_s, p)
+        got = got_s.forward(p, last_only=True)
+        assert _rel(got, ref) < 1e-3, (n, _rel(got, ref))
+    if m.backend.is_hip:
+        assert pf.graph_replays == before
+    else:
+        assert pf.graph_error is None, pf.graph_error
+        assert pf.graph_replays - before == 2
+    assert _rel(_step_forward(got_s, [5]), _step_forward(ref_s, [5])) < 1e-3
+
+
 def test_long_prompts_run_in_chunks(tmp_path_factory, monkeypatch):
     from rocmforge_lab.backend import prefill
 

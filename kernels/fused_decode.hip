@@ -42,6 +42,18 @@
 // aligned loads the block layout allows. Other types (F32, F16, BF16, Q2_K, Q3_K, MXFP4) use the
 // float decoders of quant_blocks.h on reconstructed x. Task loops are warp-uniform, so the group
 // reductions' shuffles always see the whole warp.
+// The wide engine (fd_rows_w; kernels fd_gate_up_w<N>_q4k, fd_output_w<N>_q6k / _q4k, fd_matvec_w<N>_*)
+// takes 64-value units of Q4_K (a sub-block pair: header + 32 bytes of qs as 16-byte loads) and
+// Q6_K (16 positions x 4 groups, the 2-byte-aligned blocks read as aligned words and funnel-shifted)
+// and loads N units of each row of a task before any math; the header / scale decode is paid once
+// per 64 values. The decode plan uses it (N 1, at most 80 registers) for the Q4_K gate/up and the
+// Q6_K output (7B shape, H200, eager: gate/up ~52-54 -> 46-48 us, output 222 -> 211 us per launch;
+// decode 283 -> 297 tok/s with the gate/up prefetch change); the down projection stays on the
+// 32-value engine (faster there). Measured on the H200 and dropped as slower (7B shape, 297-299
+// tok/s with this engine): N 2 (128 registers; 224 tok/s), N 1 capped at 64 registers (285), Q4_K
+// as coalesced 16-byte chunks (284 / 247 with 2 / 4 chunks in flight), a gate/up grid of one wave
+// looping over the chunks, and prefetching each task's next rows into L2 (275-280). FD_PF_FIRST in
+// bits 8.. of fd_gate_up's lpr argument: its prologue prefetches only each group's first row pair.
 // References: tests/gpu/test_fast_decode.py (GPU) and tests/gpu/test_emu_fused.py (CPU emulator).
 #include "compat.h"
 #include "quant_blocks.h"
@@ -376,8 +388,53 @@ RF_DEV void fd_merge_round(const float* __restrict__ pa, const float* mw, int n,
     }
 }
 
+// The merge weights of heads h_first .. h_first + n_h - 1 over the splits s < nsv: w[s * ws + (h -
+// h_first) * wh] = e^(m_sh - M_h) / L_h (M_h = max_s m_sh, L_h = sum_s e^(m_sh - M_h) l_sh), from
+// pm[2 (s * n_head + h)] = (m_sh, l_sh). Groups of 16 lanes take one head each (lanes over its
+// splits, 16-lane shuffles) and read (m, l) straight from global memory: one round of loads, no
+// serial loop over the splits, no staging barrier. VOL: volatile loads (values other blocks of the
+// running kernel wrote). The whole block calls (blockDim a multiple of 16); the caller syncs after.
+template <bool VOL>
+RF_DEV void fd_merge_weights(const float* __restrict__ pm, int nsv, int n_head, int h_first, int n_h, float* w,
+                             int ws, int wh) {
+    const volatile float* vpm = pm;
+    const int t = (int)threadIdx.x, gi = t >> 4, gl = t & 15, ng = (int)blockDim.x >> 4;
+#define FD_PM(s, k) (VOL ? vpm[2 * ((s) * n_head + h) + (k)] : pm[2 * ((s) * n_head + h) + (k)])
+    for (int hb = 0; hb < n_h; hb += ng) {  // block-uniform
+        const int hr = hb + gi, h = h_first + hr;
+        const bool okh = hr < n_h;
+        float m0 = -RF_INF, l0 = 0.0f;  // the first 16 splits: one load pair per lane
+        if (okh && gl < nsv) {
+            m0 = FD_PM(gl, 0);
+            l0 = FD_PM(gl, 1);
+        }
+        float M = m0;
+        for (int s = gl + 16; okh && s < nsv; s += 16) M = fmaxf(M, FD_PM(s, 0));
+#pragma unroll
+        for (int mm = 8; mm > 0; mm >>= 1) M = fmaxf(M, rf_shfl_xor(M, mm));
+        const float e0 = m0 == -RF_INF ? 0.0f : expf(m0 - M);
+        float Ls = e0 * l0;
+        for (int s = gl + 16; okh && s < nsv; s += 16) {
+            const float m = FD_PM(s, 0);
+            Ls += m == -RF_INF ? 0.0f : expf(m - M) * FD_PM(s, 1);
+        }
+#pragma unroll
+        for (int mm = 8; mm > 0; mm >>= 1) Ls += rf_shfl_xor(Ls, mm);
+        const float inv = Ls > 0.0f ? 1.0f / Ls : 0.0f;
+        if (okh && gl < nsv) w[gl * ws + hr * wh] = e0 * inv;
+        for (int s = gl + 16; okh && s < nsv; s += 16) {
+            const float m = FD_PM(s, 0);
+            w[s * ws + hr * wh] = m == -RF_INF ? 0.0f : expf(m - M) * inv;
+        }
+    }
+#undef FD_PM
+}
+
 // Threads take 8-value groups; where the block has P >= 2 threads per group (small vectors), the
 // P threads of a group split its splits (fewer dependent rounds) and meet in shared memory.
+// MV: merge version; 2 = the weights by fd_merge_weights, 1 = (m, l) staged in shared memory, then
+// one thread per head loops over the splits (tune "merge_v" 1: kernels fd_oproj*_m1).
+template <int MV>
 RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict__ pm, int nsv, int n_head, int hd,
                           FdXs* xs) {
     __shared__ float mw[2 * FD_MERGE_MAX / 32];  // (m, l) per split and head, then the weights
@@ -400,24 +457,28 @@ RF_DEV FdX fd_stage_merge(const float* __restrict__ pa, const float* __restrict_
             for (int e = 0; e < 8; ++e) a0[k][e] = 0.0f;
         }
     }
-    for (int i = t; i < 2 * nsv * n_head; i += bd) mw[i] = pm[i];
-    __syncthreads();
-    for (int h = t; h < n_head; h += bd) {
-        float M = -RF_INF;
-        for (int s = 0; s < nsv; ++s) M = fmaxf(M, mw[2 * (s * n_head + h)]);
-        float Ls = 0.0f;
-        for (int s = 0; s < nsv; ++s) {
-            const float m = mw[2 * (s * n_head + h)];
-            Ls += m == -RF_INF ? 0.0f : expf(m - M) * mw[2 * (s * n_head + h) + 1];
+    if (MV >= 2) {
+        fd_merge_weights<false>(pm, nsv, n_head, 0, n_head, mw, 2 * n_head, 2);  // fd_merge_round's layout
+    } else {
+        for (int i = t; i < 2 * nsv * n_head; i += bd) mw[i] = pm[i];
+        __syncthreads();
+        for (int h = t; h < n_head; h += bd) {
+            float M = -RF_INF;
+            for (int s = 0; s < nsv; ++s) M = fmaxf(M, mw[2 * (s * n_head + h)]);
+            float Ls = 0.0f;
+            for (int s = 0; s < nsv; ++s) {
+                const float m = mw[2 * (s * n_head + h)];
+                Ls += m == -RF_INF ? 0.0f : expf(m - M) * mw[2 * (s * n_head + h) + 1];
+            }
+            hm[h] = M;
+            hinv[h] = Ls > 0.0f ? 1.0f / Ls : 0.0f;
         }
-        hm[h] = M;
-        hinv[h] = Ls > 0.0f ? 1.0f / Ls : 0.0f;
-    }
-    __syncthreads();
-    for (int i = t; i < nsv * n_head; i += bd) {
-        const float m = mw[2 * i];
-        const int h = i % n_head;
-        mw[2 * i] = m == -RF_INF ? 0.0f : expf(m - hm[h]) * hinv[h];
+        __syncthreads();
+        for (int i = t; i < nsv * n_head; i += bd) {
+            const float m = mw[2 * i];
+            const int h = i % n_head;
+            mw[2 * i] = m == -RF_INF ? 0.0f : expf(m - hm[h]) * hinv[h];
+        }
     }
     __syncthreads();
     {
@@ -836,6 +897,9 @@ __device__ FD_NOINLINE float fd_dot_one(int t, const rf_u8* ra, FdX X, int cols,
 // prefetch rows ra / rb (nbytes each) into L2: lane gl of `lanes` takes the 128-byte lines gl,
 // gl + lanes, ... (at most FD_PF_MAX per row), so a group's loads of its first task find them there
 #define FD_PF_MAX 8
+// fd_gate_up's lpr argument also carries prefetch flags (bits 8..): lpr | FD_PF_FIRST << 8: its
+// prologue prefetches only each group's first row pair (not the block's 32)
+#define FD_PF_FIRST 1
 RF_DEV void fd_prefetch_rows(const rf_u8* ra, const rf_u8* rb, rf_i64 nbytes, int gl, int lanes) {
     const rf_i64 a0 = (rf_i64)(unsigned long long)ra & 127;
     int k = 0;
@@ -844,6 +908,226 @@ RF_DEV void fd_prefetch_rows(const rf_u8* ra, const rf_u8* rb, rf_i64 nbytes, in
         const rf_i64 ob = o + a0 - ((rf_i64)(unsigned long long)rb & 127);  // the same line index in row rb
         if (rb != nullptr && ob < nbytes) fd_prefetch(rb + ob);
     }
+}
+
+// ---- the wide engine (large matrices: the 7B's gate/up, down and output) -----------------------
+// Streaming a large matrix is limited by the weight bytes each thread has in flight, and by the
+// instructions per byte. The wide decoders (Q4_K, Q6_K) take 64-value units (a Q4_K sub-block
+// pair: 32 bytes of qs; Q6_K: 16 positions x 4 groups) and split each unit into load(), which only
+// issues the unit's raw aligned loads into registers, and dot(), which does the math: fd_rows_w
+// loads NU units of each row of a task before any math (NU x 2 rows x 48 / 57 bytes per lane in
+// flight), and the header / scale decode is paid once per 64 values. x of a unit: h[16], l[16]
+// (its NR runs of RL values), s / sum per run, loaded by ldx() from the staged vector; dot() also
+// gets the block's misalignment in bits (Q6_K; 0 for Q4_K).
+// low 32 bits of (hi:lo) >> sh, sh 0 or 16 (2-byte aligned data read through aligned words)
+RF_DEV rf_u32 fd_funnel(rf_u32 lo, rf_u32 hi, int sh) {
+#if defined(RF_CUDA)
+    return __funnelshift_r(lo, hi, sh);
+#else
+    return (rf_u32)((((unsigned long long)hi << 32) | lo) >> sh);
+#endif
+}
+template <int NW>
+RF_DEV void fd_ldx(const int* p, int* out) {
+#pragma unroll
+    for (int i = 0; i < NW; i += 4) {
+        const fd_i4 t = *(const fd_i4*)(p + i);
+        out[i] = t.x; out[i + 1] = t.y; out[i + 2] = t.z; out[i + 3] = t.w;
+    }
+}
+
+// Q4_K unit j (0..3) = qs bytes 32j..32j+31: low nibbles = sub-block 2j (values 64j..64j+31), high
+// nibbles = sub-block 2j+1 (values 64j+32..64j+63). Blocks 16-byte aligned (as DQ4_K reads them).
+struct W4K {
+    static constexpr int QK = 256, BS = 144, UPB = 4, NR = 2, RL = 32;
+    struct W {
+        fd_u4 hd, q0, q1;  // d, dmin | scales[12]; qs[32j .. 32j+31]
+    };
+    RF_DEV static void load(const rf_u8* b, int j, W& w) {
+        w.hd = *(const fd_u4*)b;
+        w.q0 = *(const fd_u4*)(b + 16 + 32 * j);
+        w.q1 = *(const fd_u4*)(b + 32 + 32 * j);
+    }
+    // x of unit j: h/l[0..7] sub-block 2j, [8..15] sub-block 2j+1; s[2], sum[2] (32-value sums)
+    RF_DEV static void ldx(const FdX& X, int xo, int j, int* h, int* l, float* s, float* sum) {
+        const int o = xo + 64 * j;
+        fd_ldx<16>(X.h + o / 4, h);
+        fd_ldx<16>(X.l + o / 4, l);
+        const fd_i2 sv = *(const fd_i2*)(X.s + o / 32);
+        s[0] = __int_as_float(sv.x);
+        s[1] = __int_as_float(sv.y);
+        const rf_f4 m = *(const rf_f4*)(X.sum16 + o / 16);
+        sum[0] = m.x + m.y;
+        sum[1] = m.z + m.w;
+    }
+    RF_DEV static float dot(const W& w, int j, const int* h, const int* l, const float* s, const float* sum, int) {
+        const rf_u32 q[8] = {w.q0.x, w.q0.y, w.q0.z, w.q0.w, w.q1.x, w.q1.y, w.q1.z, w.q1.w};
+        int ah0 = 0, al0 = 0, ah1 = 0, al1 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int lo = (int)(q[i] & 0x0F0F0F0Fu), hi = (int)((q[i] >> 4) & 0x0F0F0F0Fu);
+            ah0 = fd_dp4a(lo, h[i], ah0);
+            al0 = fd_dp4a(lo, l[i], al0);
+            ah1 = fd_dp4a(hi, h[8 + i], ah1);
+            al1 = fd_dp4a(hi, l[8 + i], al1);
+        }
+        // 6-bit scales / mins of sub-blocks 2j, 2j+1: bytes 2(j&1), 2(j&1)+1 of each scale word
+        const int sh = 16 * (j & 1);
+        const rf_u32 a0 = w.hd.y >> sh, a1 = w.hd.z >> sh, a2 = w.hd.w >> sh;
+        const bool lo4 = j < 2;
+        const float sc0 = (float)(lo4 ? (a0 & 63u) : ((a2 & 15u) | (((a0 >> 6) & 3u) << 4)));
+        const float sc1 = (float)(lo4 ? ((a0 >> 8) & 63u) : (((a2 >> 8) & 15u) | (((a0 >> 14) & 3u) << 4)));
+        const float m0 = (float)(lo4 ? (a1 & 63u) : (((a2 >> 4) & 15u) | (((a1 >> 6) & 3u) << 4)));
+        const float m1 = (float)(lo4 ? ((a1 >> 8) & 63u) : (((a2 >> 12) & 15u) | (((a1 >> 14) & 3u) << 4)));
+        const float d = rf_h2f((rf_u16)(w.hd.x & 0xffffu)), dmin = rf_h2f((rf_u16)(w.hd.x >> 16));
+        return d * (sc0 * FD_QX(ah0, al0, s[0]) + sc1 * FD_QX(ah1, al1, s[1])) - dmin * (m0 * sum[0] + m1 * sum[1]);
+    }
+};
+
+// Q6_K unit u (0..3): half hh = u/2, positions p0 = 16(u%2) .. p0+15 of the 4 groups k (values
+// 128hh + 32k + p0 ..: 16-value runs, so the x sums are the staged 16-sums). The 210-byte blocks
+// are only 2-byte aligned: 16 bytes at byte offset o (o % 4 == 0 in the block) are read as 5
+// aligned words and funnel-shifted by the block's misalignment (0 or 2 bytes) in dot().
+struct W6K {
+    static constexpr int QK = 256, BS = 210, UPB = 4, NR = 4, RL = 16;
+    struct W {
+        rf_u32 L[5], M[5], H[5], S[3];  // ql[64hh+p0 ..], ql[64hh+32+p0 ..], qh[32hh+p0 ..], scales[8hh ..]
+        rf_u16 d;
+    };
+    RF_DEV static void load(const rf_u8* b, int u, W& w) {
+        const int hh = u >> 1, p0 = 16 * (u & 1);
+        const rf_u32* a = (const rf_u32*)((unsigned long long)b & ~3ull);  // the aligned word at / below b
+        const rf_u32* L = a + (64 * hh + p0) / 4;
+#pragma unroll
+        for (int i = 0; i < 5; ++i) {
+            w.L[i] = L[i];
+            w.M[i] = L[8 + i];
+        }
+        const rf_u32* H = a + (128 + 32 * hh + p0) / 4;
+#pragma unroll
+        for (int i = 0; i < 5; ++i) w.H[i] = H[i];
+        const rf_u32* S = a + (192 + 8 * hh) / 4;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) w.S[i] = S[i];
+        w.d = *(const rf_u16*)(b + 208);
+    }
+    RF_DEV static void ldx(const FdX& X, int xo, int u, int* h, int* l, float* s, float* sum) {
+        const int hh = u >> 1, p0 = 16 * (u & 1);
+        const int o = xo + 128 * hh + p0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            fd_ldx<4>(X.h + (o + 32 * k) / 4, h + 4 * k);
+            fd_ldx<4>(X.l + (o + 32 * k) / 4, l + 4 * k);
+            sum[k] = X.sum16[(o + 32 * k) / 16];
+        }
+        const rf_f4 sv = *(const rf_f4*)(X.s + (xo + 128 * hh) / 32);
+        s[0] = sv.x; s[1] = sv.y; s[2] = sv.z; s[3] = sv.w;
+    }
+    RF_DEV static float dot(const W& w, int u, const int* h, const int* l, const float* s, const float* sum,
+                            int sh) {
+        float r = 0.0f;
+        const rf_u32 sc01 = fd_funnel(w.S[0], w.S[1], sh) >> (8 * (u & 1));  // sc[8hh + (u&1) + 0, 2]
+        const rf_u32 sc23 = fd_funnel(w.S[1], w.S[2], sh) >> (8 * (u & 1));  // sc[8hh + (u&1) + 4, 6]
+        const float sc[4] = {(float)(rf_i8)(sc01 & 0xffu), (float)(rf_i8)((sc01 >> 16) & 0xffu),
+                             (float)(rf_i8)(sc23 & 0xffu), (float)(rf_i8)((sc23 >> 16) & 0xffu)};
+        int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const rf_u32 L = fd_funnel(w.L[i], w.L[i + 1], sh), M = fd_funnel(w.M[i], w.M[i + 1], sh);
+            const rf_u32 H = fd_funnel(w.H[i], w.H[i + 1], sh);
+            const int q0 = (int)((L & 0x0F0F0F0Fu) | ((H << 4) & 0x30303030u));
+            const int q1 = (int)((M & 0x0F0F0F0Fu) | ((H << 2) & 0x30303030u));
+            const int q2 = (int)(((L >> 4) & 0x0F0F0F0Fu) | (H & 0x30303030u));
+            const int q3 = (int)(((M >> 4) & 0x0F0F0F0Fu) | ((H >> 2) & 0x30303030u));
+            ah[0] = fd_dp4a(q0, h[i], ah[0]);
+            al[0] = fd_dp4a(q0, l[i], al[0]);
+            ah[1] = fd_dp4a(q1, h[4 + i], ah[1]);
+            al[1] = fd_dp4a(q1, l[4 + i], al[1]);
+            ah[2] = fd_dp4a(q2, h[8 + i], ah[2]);
+            al[2] = fd_dp4a(q2, l[8 + i], al[2]);
+            ah[3] = fd_dp4a(q3, h[12 + i], ah[3]);
+            al[3] = fd_dp4a(q3, l[12 + i], al[3]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) r += sc[k] * (FD_QX(ah[k], al[k], s[k]) - 32.0f * sum[k]);
+        return rf_h2f(w.d) * r;
+    }
+};
+
+// Partial dots of rows A (and B when TWO) with the staged x over the 64-value units gl, gl + lpr,
+// ...: NU units of each row loaded before the math of any of them
+template <class D, bool TWO, int NU>
+RF_DEV void fd_rows_w(const rf_u8* __restrict__ ra, const rf_u8* __restrict__ rb, const FdX& X, int cols, int gl,
+                      int lpr, float& acc_a, float& acc_b) {
+    const int n_units = cols / 64;
+    const int sha = 8 * (int)((unsigned long long)ra & 2), shb = 8 * (int)((unsigned long long)rb & 2);
+    constexpr int N = NU > 0 ? NU : 1;  // (NU 0: instantiated, never called)
+#pragma unroll 1
+    for (int it0 = gl; it0 < n_units; it0 += N * lpr) {
+        typename D::W wa[N], wb[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const int it = it0 + k * lpr;
+            if (it < n_units) {
+                const int blk = it / D::UPB, u = it - blk * D::UPB;
+                D::load(ra + (rf_i64)blk * D::BS, u, wa[k]);
+                if (TWO) D::load(rb + (rf_i64)blk * D::BS, u, wb[k]);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const int it = it0 + k * lpr;
+            if (it < n_units) {
+                const int blk = it / D::UPB, u = it - blk * D::UPB;
+                // the block's misalignment (Q6_K: 210 * blk bytes past a row start)
+                const int ba = sha ^ ((blk & 1) * 8 * (D::BS & 2)), bb = shb ^ ((blk & 1) * 8 * (D::BS & 2));
+                int h[16], l[16];
+                float s[D::NR], sum[D::NR];
+                D::ldx(X, blk * D::QK, u, h, l, s, sum);
+                acc_a += D::dot(wa[k], u, h, l, s, sum, ba);
+                if (TWO) acc_b += D::dot(wb[k], u, h, l, s, sum, bb);
+            }
+        }
+    }
+}
+
+// Register cap of the wide kernels (CUDA): at most 256 threads per block and `b` blocks per
+// multiprocessor resident (H200: 3 blocks of 256 = at most 80 registers), so the one-wave grids
+// of DecodePlan (output: 3 blocks per multiprocessor) stay one wave
+#if defined(RF_CUDA)
+#define FD_LB(b) __launch_bounds__(256, b)
+#else
+#define FD_LB(b)
+#endif
+
+// fd_dot_pair / fd_dot_one through the wide engine for rows of type WT (RF_T_Q4_K / RF_T_Q6_K, NU
+// units per row in flight), other types through the 32-value engine. One type and NU per kernel:
+// a kernel's registers are the most any of its callees needs.
+template <int WT, int NU>
+__device__ FD_NOINLINE void fd_dot_pair_w(int t, const rf_u8* ra, const rf_u8* rb, FdX X, int cols, int gl, int lpr,
+                                          float* va, float* vb) {
+    float a = 0.0f, b = 0.0f;
+    if (t == WT && WT == RF_T_Q4_K) {
+        fd_rows_w<W4K, true, NU>(ra, rb, X, cols, gl, lpr, a, b);
+    } else if (t == WT && WT == RF_T_Q6_K) {
+        fd_rows_w<W6K, true, NU>(ra, rb, X, cols, gl, lpr, a, b);
+    } else {
+        fd_dot_pair<false>(t, ra, rb, X, cols, gl, lpr, &a, &b);
+    }
+    *va = a;
+    *vb = b;
+}
+template <int WT, int NU>
+__device__ FD_NOINLINE float fd_dot_one_w(int t, const rf_u8* ra, FdX X, int cols, int gl, int lpr) {
+    float a = 0.0f, b = 0.0f;
+    if (t == WT && WT == RF_T_Q4_K) {
+        fd_rows_w<W4K, false, NU>(ra, ra, X, cols, gl, lpr, a, b);
+    } else if (t == WT && WT == RF_T_Q6_K) {
+        fd_rows_w<W6K, false, NU>(ra, ra, X, cols, gl, lpr, a, b);
+    } else {
+        a = fd_dot_one<false>(t, ra, X, cols, gl, lpr);
+    }
+    return a;
 }
 
 // ---- embedding rows ---------------------------------------------------------------------------
@@ -1006,7 +1290,9 @@ FD_QKV_KERNEL(fd_qkv_f32_any, float, true)
 // Partials part_acc[s, h, :] = sum_j e^(score_hj - m_sh) V_j, part_ml[s, h] = (m_sh, l_sh). While the
 // valid splits x n_head x head_dim stay <= merge_max, fd_oproj's blocks merge them (late merge);
 // else the last block of KV head g (atomic counter) merges the valid splits into out[h*hd + d] and
-// its quantized copy, and resets the counter.
+// its quantized copy, and resets the counter. (Tried on the H200, not kept: that merge with
+// fd_merge_weights and 8 splits per load round, 35 instead of 25 us per launch for the Qwen2.5-7B
+// shape; q staged with 8 independent loads per thread before the shared stores: no change.)
 RF_DEV void fd_ld8(const rf_u16* p, float* o) {
     const fd_u4 t = *(const fd_u4*)p;
     o[0] = rf_h2f((rf_u16)(t.x & 0xffffu)); o[1] = rf_h2f((rf_u16)(t.x >> 16));
@@ -1413,7 +1699,8 @@ RF_DEV void fd_matvec_prefetch(const rf_u8* arena, int t, rf_i64 off, rf_i64 rb,
 }
 
 // the task loop of fd_matvec / fd_oproj (every thread of the block calls)
-template <bool ANY>
+// WT, NU: rows of type WT through the wide engine (fd_dot_pair_w; NU 0: the 32-value engine only)
+template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, rf_i64 rb, int rows, int cols,
                            const FdX& X, rf_i64 bias_off, float* y, int accumulate, int pair, int lpr, int ks) {
     __shared__ float kred[2][1024 / 8];  // split-K partials: [row a / b][group]
@@ -1443,11 +1730,18 @@ RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, r
         }
         float va = 0.0f, vb = 0.0f;
         if (valid) {
-            if (pair)
-                fd_dot_pair<ANY>(t, arena + off + (rf_i64)ra * rb, arena + off + (rf_i64)(has_b ? rbw : ra) * rb, X,
-                                 cols, gle, lpe, &va, &vb);
-            else
-                va = fd_dot_one<ANY>(t, arena + off + (rf_i64)ra * rb, X, cols, gle, lpe);
+            const rf_u8* wa = arena + off + (rf_i64)ra * rb;
+            const rf_u8* wb = arena + off + (rf_i64)(has_b ? rbw : ra) * rb;
+            if (NU > 0) {
+                if (pair)
+                    fd_dot_pair_w<WT, NU>(t, wa, wb, X, cols, gle, lpe, &va, &vb);
+                else
+                    va = fd_dot_one_w<WT, NU>(t, wa, X, cols, gle, lpe);
+            } else if (pair) {
+                fd_dot_pair<ANY>(t, wa, wb, X, cols, gle, lpe, &va, &vb);
+            } else {
+                va = fd_dot_one<ANY>(t, wa, X, cols, gle, lpe);
+            }
         }
         va = rf_group_sum(va, lpr);
         vb = rf_group_sum(vb, lpr);
@@ -1472,7 +1766,7 @@ RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, r
     }
 }
 
-template <bool ANY, bool ES>
+template <bool ANY, bool ES, int WT = 0, int NU = 0>
 RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
                            rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
                            const float* xsum, rf_i64 bias_off, float* y, int accumulate, int* counter,
@@ -1491,7 +1785,7 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     X.l = xl;
     X.s = xs;
     X.sum16 = xsum;
-    fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, bias_off, y, accumulate, pair, lpr, ks);
+    fd_matvec_body<ANY, WT, NU>(arena, t, off, rb, rows, cols, X, bias_off, y, accumulate, pair, lpr, ks);
     if (tail_norm_off < 0) return;
     __threadfence();
     __syncthreads();
@@ -1518,13 +1812,17 @@ RF_KERNEL void fd_matvec(FD_MATVEC_ARGS) { fd_matvec_impl<false, true>(FD_MATVEC
 RF_KERNEL void fd_matvec_any(FD_MATVEC_ARGS) { fd_matvec_impl<true, true>(FD_MATVEC_PASS); }
 RF_KERNEL void fd_matvec_ls(FD_MATVEC_ARGS) { fd_matvec_impl<false, false>(FD_MATVEC_PASS); }
 RF_KERNEL void fd_matvec_any_ls(FD_MATVEC_ARGS) { fd_matvec_impl<true, false>(FD_MATVEC_PASS); }
+// the wide engine for Q4_K / Q6_K rows, N units per row in flight per lane (other types as fd_matvec)
+// (wN: N units per row in flight; at most 256 threads per block)
+RF_KERNEL FD_LB(3) void fd_matvec_w1_q4k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q4_K, 1>(FD_MATVEC_PASS); }
+RF_KERNEL FD_LB(3) void fd_matvec_w1_q6k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q6_K, 1>(FD_MATVEC_PASS); }
 
 // ---- fd_oproj ---------------------------------------------------------------------------------
 // resid += W_o x, x = the attention output: while nsv * n_head * head_dim <= merge_max (nsv = the
 // 64-key splits holding keys 0..state.pos, as fd_attn computes it) every block merges the split
 // partials itself (fd_stage_merge) and fd_attn skipped its merge; otherwise x is the quantized
-// vector fd_attn's merge wrote (xh/xl/xs/xsum).
-template <bool ANY, bool ES>
+// vector fd_attn's merge wrote (xh/xl/xs/xsum). MV: fd_stage_merge's version (2; the "_m1" kernels: 1).
+template <bool ANY, bool ES, int MV = 2>
 RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
                           const float* xsum, float* y, const float* part_acc, const float* part_ml, int n_head,
@@ -1545,7 +1843,7 @@ RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict
     const int nsv = (pos + FD_ATT_KEYS) / FD_ATT_KEYS;
     FdX X;
     if (nsv * n_head * hd <= merge_max) {  // block-uniform
-        X = fd_stage_merge(part_acc, part_ml, nsv, n_head, hd, &xsh);
+        X = fd_stage_merge<MV>(part_acc, part_ml, nsv, n_head, hd, &xsh);
     } else {
         X.h = xh;
         X.l = xl;
@@ -1566,11 +1864,13 @@ RF_KERNEL void fd_oproj(FD_OPROJ_ARGS) { fd_oproj_impl<false, true>(FD_OPROJ_PAS
 RF_KERNEL void fd_oproj_any(FD_OPROJ_ARGS) { fd_oproj_impl<true, true>(FD_OPROJ_PASS); }
 RF_KERNEL void fd_oproj_ls(FD_OPROJ_ARGS) { fd_oproj_impl<false, false>(FD_OPROJ_PASS); }
 RF_KERNEL void fd_oproj_any_ls(FD_OPROJ_ARGS) { fd_oproj_impl<true, false>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_m1(FD_OPROJ_ARGS) { fd_oproj_impl<false, true, 1>(FD_OPROJ_PASS); }
+RF_KERNEL void fd_oproj_any_m1(FD_OPROJ_ARGS) { fd_oproj_impl<true, true, 1>(FD_OPROJ_PASS); }
 
 // ---- fd_gate_up -------------------------------------------------------------------------------
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x
 // (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input).
-template <bool ANY>
+template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
                             const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, int tg, rf_i64 offg,
                             rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float* __restrict__ act, int* oh,
@@ -1578,10 +1878,12 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
     __shared__ float a32[32];
     __shared__ FdXs xsh;
     __shared__ float red[32];
+    const int pf = lpr >> 8;  // prefetch flags (FD_PF_FIRST)
+    lpr &= 255;
     const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
     const int r0 = 32 * blockIdx.x;
     if (g < 32) {
-        for (int k = g; k < 32; k += gpb) {  // every row of this group
+        for (int k = g; k < ((pf & FD_PF_FIRST) ? g + 1 : 32); k += gpb) {  // every row of this group, or its first
             fd_prefetch_rows(arena + offg + (rf_i64)(r0 + k) * rbg, nullptr, rbg, gl, lpr);
             fd_prefetch_rows(arena + offu + (rf_i64)(r0 + k) * rbu, nullptr, rbu, gl, lpr);
         }
@@ -1594,7 +1896,12 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         const rf_u8* rg = arena + offg + (rf_i64)(r0 + k) * rbg;
         const rf_u8* ru = arena + offu + (rf_i64)(r0 + k) * rbu;
         float vg, vu;
-        if (tg == tu) {
+        if (NU > 0 && tg == tu) {
+            fd_dot_pair_w<WT, NU>(tg, rg, ru, X, d, gl, lpr, &vg, &vu);
+        } else if (NU > 0) {
+            vg = fd_dot_one_w<WT, NU>(tg, rg, X, d, gl, lpr);
+            vu = fd_dot_one_w<WT, NU>(tu, ru, X, d, gl, lpr);
+        } else if (tg == tu) {
             fd_dot_pair<ANY>(tg, rg, ru, X, d, gl, lpr, &vg, &vu);
         } else {
             vg = fd_dot_one<ANY>(tg, rg, X, d, gl, lpr);
@@ -1621,6 +1928,8 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
     arena, state, resid, norm_off, eps, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr
 RF_KERNEL void fd_gate_up(FD_GATE_UP_ARGS) { fd_gate_up_impl<false>(FD_GATE_UP_PASS); }
 RF_KERNEL void fd_gate_up_any(FD_GATE_UP_ARGS) { fd_gate_up_impl<true>(FD_GATE_UP_PASS); }
+// the wide engine for Q4_K gate / up rows (N units per row in flight; at most 256 threads)
+RF_KERNEL FD_LB(3) void fd_gate_up_w1_q4k(FD_GATE_UP_ARGS) { fd_gate_up_impl<false, RF_T_Q4_K, 1>(FD_GATE_UP_PASS); }
 
 // ---- fd_output --------------------------------------------------------------------------------
 RF_DEV void fd_argmax_merge(float& v, int& i, float ov, int oi) {
@@ -1655,7 +1964,7 @@ RF_DEV void fd_block_argmax(float& v, int& i, float* sv, int* si) {
 // state.pos = pos + 1; resid = embedding row `token` (the next step's input; the first layer's qkv
 // blocks normalize it). Block partials of the argmax go to part_v / part_i; the last block (atomic
 // counter) reduces them.
-template <bool ANY>
+template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
                            int d, int t, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
                            int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
@@ -1686,9 +1995,14 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
         const int ra = 2 * task, rbw = ra + 1;
         const bool has_b = rbw < vocab;
         float va = 0.0f, vb = 0.0f;
-        if (valid)
-            fd_dot_pair<ANY>(t, arena + off + (rf_i64)ra * rb, arena + off + (rf_i64)(has_b ? rbw : ra) * rb, X, d, gl,
-                        lpr, &va, &vb);
+        if (valid) {
+            const rf_u8* wa = arena + off + (rf_i64)ra * rb;
+            const rf_u8* wb = arena + off + (rf_i64)(has_b ? rbw : ra) * rb;
+            if (NU > 0)
+                fd_dot_pair_w<WT, NU>(t, wa, wb, X, d, gl, lpr, &va, &vb);
+            else
+                fd_dot_pair<ANY>(t, wa, wb, X, d, gl, lpr, &va, &vb);
+        }
         va = rf_group_sum(va, lpr);
         vb = rf_group_sum(vb, lpr);
         if (valid && gl == 0) {
@@ -1742,3 +2056,6 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
         stop_ids, n_stop, emb_t, emb_off, emb_rb, lpr
 RF_KERNEL void fd_output(FD_OUTPUT_ARGS) { fd_output_impl<false>(FD_OUTPUT_PASS); }
 RF_KERNEL void fd_output_any(FD_OUTPUT_ARGS) { fd_output_impl<true>(FD_OUTPUT_PASS); }
+// the wide engine for Q6_K / Q4_K output rows (N units per row in flight; at most 256 threads)
+RF_KERNEL FD_LB(3) void fd_output_w1_q6k(FD_OUTPUT_ARGS) { fd_output_impl<false, RF_T_Q6_K, 1>(FD_OUTPUT_PASS); }
+RF_KERNEL FD_LB(3) void fd_output_w1_q4k(FD_OUTPUT_ARGS) { fd_output_impl<false, RF_T_Q4_K, 1>(FD_OUTPUT_PASS); }

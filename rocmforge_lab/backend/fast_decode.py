@@ -22,6 +22,9 @@ into the residual). No kernel has a serial "last block" phase but the output's a
   * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection.
 Matvecs stream their weights from the GGUF block layout with dp4a on the staged activations; long
 rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the 7B's down rows).
+All-Q4_K gate/up and Q4_K / Q6_K output layers take the "wide" kernels (64-value units, all loads of
+a unit before its math: `DecodePlan._wide_name`, tune "wide" / "wide_<kind>"), and the gate/up
+prologue prefetches only each lane group's first row pair into L2 (`DecodePlan.pf_flags`).
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
@@ -274,7 +277,7 @@ class DecodePlan:
             def boff(role):
                 return self._w(p + role + ".bias").offset if cfg.qkv_bias else -1
 
-            lpr = self._lpr(d)
+            lpr = min(int(self.tune.get("qkv_lpr", self._lpr(d))), self.warp_size, 32)  # tune: lanes per RoPE pair
             n_tasks = (nh * hd + 2 * nkv * hd) // 2
             grid, block = self._shape(n_tasks, lpr)
             L.append(Launch(
@@ -301,12 +304,13 @@ class DecodePlan:
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
+            gwide = self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
             L.append(Launch(
-                f"fd_gate_up{any_(wg, wu)}", (ff // 32,), (max(gthreads, 64),),
+                gwide or f"fd_gate_up{any_(wg, wu)}", (ff // 32,), (max(gthreads, 64),),
                 (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
-                 Buf("act"), *X("xf"), _i32(lpr)),
+                 Buf("act"), *X("xf"), _i32(lpr | self.pf_flags(bool(gwide)) << 8)),
                 p + "gate_up", "gate_up", wg.nbytes + wu.nbytes))
             wd = self._w(p + "ffn_down.weight")
             L.append(self._matvec(wd, "xf", p + "down", "down"))
@@ -317,7 +321,7 @@ class DecodePlan:
         # argmax has fewer partials, instead of 2.7 waves of short blocks
         grid, block = self._shape(-(-V // 2), lpr, per_sm=int(self.tune.get("out_blocks_per_sm", 3)))
         L.append(Launch(
-            f"fd_output{any_(wout)}", grid, block,
+            self._wide_name("fd_output", "output", (wout,), block[0]) or f"fd_output{any_(wout)}", grid, block,
             (Buf("arena"), Buf("state"), Buf("resid"), norm("output_norm.weight"), eps, _i32(d),
              _i32(QTYPE_ID[wout.qtype]), _i64(wout.offset), _i64(wout.row_bytes), _i32(V), Buf("logits"), Buf("out_v"),
              Buf("out_i"), Buf("out_cnt"), Buf("tokens"), Buf("stop"), _i32(MAX_STOP), _i32(QTYPE_ID[emb.qtype]),
@@ -360,6 +364,15 @@ class DecodePlan:
         return "" if self.tune.get("early_state_attn", early) else "_ls"
 
     @property
+    def merge_v_suffix(self) -> str:
+        """The o-projection's kernel-name suffix: "" = late merge version 2 (the merge weights of all
+        heads in one round, fd_merge_weights); tune "merge_v" 1: "_m1", version 1 (one thread per head
+        looping over the splits; early-state kernels only). H200, graph+PDL, two runs, SmolLM2 shape:
+        1,420-1,452 vs 1,356-1,370 tok/s (+4..6%); Qwen2.5-0.5B shape: no change (noise); the 7B
+        shape has no late merge at position 640."""
+        return "_m1" if int(self.tune.get("merge_v", 2)) == 1 and self.ls == "" else ""
+
+    @property
     def merge_max(self) -> int:
         """fd_attn / fd_oproj "late merge" bound: while (splits holding keys 0..pos) x n_head x
         head_dim <= merge_max, every o-projection block merges the attention's split partials itself
@@ -385,19 +398,44 @@ class DecodePlan:
         if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
             cfg = self.cfg
             return Launch(
-                "fd_oproj" + any_ + self.ls, grid, block,
+                "fd_oproj" + any_ + self.ls + self.merge_v_suffix, grid, block,
                 (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
                  _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
                  Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
                  _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
                 label, kind, w.nbytes)
+        wide = self._wide_name("fd_matvec", kind, (w,), block[0]) if self.ls == "" else ""
+        name = wide or "fd_matvec" + any_ + self.ls
         return Launch(
-            "fd_matvec" + any_ + self.ls, grid, block,
+            name, grid, block,
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
              _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), _i64(-1),
              Buf("resid"), _i32(1), None, _i64(-1), _f32(self.cfg.rms_eps), None, None, None, None,
              _i32(bool(pair)), _i32(lpr), _i32(ks)),
             label, kind, w.nbytes)
+
+    def pf_flags(self, wide: bool) -> int:
+        """fd_gate_up's L2 prefetch flags, passed in bits 8.. of its lpr argument (fused_decode.hip
+        FD_PF_FIRST): tune "pf_first": the prologue prefetches each lane group's first row pair only,
+        not the block's 32 rows; default on with the wide kernel (H200, 7B shape: 299 vs 287 tok/s,
+        +1.4% with the 32-value kernel; not measured for SmolLM2, so off elsewhere)."""
+        return 1 if self.tune.get("pf_first", wide) else 0
+
+    def _wide_name(self, base: str, kind: str, ws, threads: int) -> str:
+        """The wide-engine kernel for `kind` ("gate_up" / "down" / "output") where all of its
+        matrices are Q4_K or all Q6_K (fd_rows_w: 64-value units, all loads of a unit before its
+        math), else "" (the 32-value engine). tune "wide" (0: off; default on), "wide_<kind>" per
+        kind; default on for gate/up and output, off for down (H200, 7B shape: 299 tok/s vs 291
+        with the wide down, 284 with none). Kernels: gate/up Q4_K, output Q4_K / Q6_K, matvec
+        Q4_K / Q6_K, <= 256 threads per block."""
+        qt = {w.qtype for w in ws}
+        on = int(self.tune.get(f"wide_{kind}", self.tune.get("wide", 0 if kind == "down" else 1)))
+        if on <= 0 or threads > 256 or len(qt) != 1 or next(iter(qt)) not in ("Q4_K", "Q6_K"):
+            return ""
+        t = next(iter(qt))
+        if kind == "gate_up" and t != "Q4_K":
+            return ""
+        return f"{base}_w1_{t.replace('_', '').lower()}"
 
     def ks_for(self, n_tasks: int, lpr: int, cols: int) -> int:
         """Lane groups per matvec task: the smallest power of two that leaves each lane at most

@@ -100,6 +100,34 @@ def test_emu_fused_matvec(qtype):
         assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, ks, float(err.max()), float(tol.min()))
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_emu_fused_matvec_wide(qtype):
+    """The wide engine (fd_matvec_w1_<type>); 3 Q6_K blocks per row: every other row starts 2 bytes
+    off a word boundary (the funnel-shifted loads)."""
+    rng = np.random.default_rng(17)
+    rows, cols = 13, 768
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    arena, (w_off, b_off) = R.pack_arena(raw, bias.view(np.uint8))
+    rb = R.row_bytes(qtype, cols)
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    tn = qtype.replace("_", "").lower()
+    kern = f"fd_matvec_w1_{tn}"
+    # (warp size, lanes per group, accumulate, groups per task)
+    for ws, lpr, acc, ks in ((32, 8, 0, 1), (32, 16, 1, 1), (32, 32, 1, 2), (64, 32, 1, 1), (64, 16, 0, 2)):
+        X = _quantize(mod(ws), x)
+        y = base.copy() if acc else np.full(rows, np.nan, np.float32)
+        threads = max(64 if ws == 32 else 128, lpr * ks)
+        mod(ws).launch(kern, (2,), (threads,), arena, None, QTYPE_ID[qtype], w_off, rb, rows, cols, *X, b_off, y, acc,
+                       None, -1, 0.0, None, None, None, None, int(lpr != 16), lpr, ks)
+        want = ref @ x + bias + (base if acc else 0.0)
+        err = np.abs(y - want)
+        assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, ks, float(err.max()), float(tol.min()))
+
+
 def test_emu_fused_matvec_tail():
     """The last block quantizes RMSNorm(y) * w into the output vector after every block added its rows."""
     rng = np.random.default_rng(13)
@@ -159,7 +187,8 @@ def test_emu_fused_gate_up(qpair):
     assert np.all(act2 == 7.0)
 
 
-@pytest.mark.parametrize("ls", ["", "_ls"])  # _ls: the kernels that read the state after the PDL wait
+# _ls: the kernels that read the state after the PDL wait; _m1: fd_oproj_m1, the version-1 late merge
+@pytest.mark.parametrize("ls", ["", "_ls", "_m1"])
 @pytest.mark.parametrize("ws,merge_max,nh,n_ctx,pos,threads", [
     (32, 12288, 4, 256, 200, 64),    # 4 splits, 4 threads per 8-value group share them
     (32, 0, 4, 256, 200, 64),        # the attention's own merge
@@ -191,7 +220,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, ls):
     scale = 1 / math.sqrt(hd)
     G = nh // nkv
     hpb = 3 if G > 3 else G  # query heads per block: the 16-head case spreads each group of 8 over 3 blocks
-    mod(ws).launch("fd_attn_f32_hd32" + ls, (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
+    mod(ws).launch("fd_attn_f32_hd32" + ls.replace("_m1", ""), (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
                    cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb)
     assert cnt.sum() == 0
     want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),

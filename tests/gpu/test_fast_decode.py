@@ -111,6 +111,72 @@ def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
         assert np.all(err <= tol), (qtype, lpr, acc, ks, float(err.max()))
 
 
+@pytest.mark.parametrize("qtype,kerns", [("Q4_K", ("fd_matvec_w1_q4k",)), ("Q6_K", ("fd_matvec_w1_q6k",)),
+                                          ("Q8_0", ("fd_matvec_w1_q6k",))])  # another type: the 32-value engine
+@pytest.mark.parametrize("rows,cols", [(37, 256), (300, 768), (5, 4608), (3, 18944)])
+def test_fused_matvec_wide_vs_numpy(backend, qtype, kerns, rows, cols):
+    """The wide engine (fd_rows_w: 64-value units loaded before their math). Q6_K rows of an
+    odd number of 210-byte blocks start 2 bytes off a word boundary every other row."""
+    import cupy
+
+    rng = np.random.default_rng(rows * 11 + cols)
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    arena, (w_off, b_off) = _arena(raw, bias.view(np.uint8))
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    X = _quantize(x)
+    for kern in kerns:
+        # (lanes per group, accumulate, threads, grid, groups per task); pairs of rows unless lpr 16
+        for lpr, acc, threads, grid, ks in ((8, 0, 64, 1, 1), (16, 1, 128, 3, 1), (32, 1, 256, 1000, 1),
+                                            (32, 1, 256, 7, 4), (32, 0, 256, 1000, 8), (8, 1, 64, 2, 2)):
+            lpr = min(lpr, backend.warp_size)
+            y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
+            _fn(kern)((grid,), (threads,), (arena, None, _i32(QID[qtype]), _i64(w_off), _i64(R.row_bytes(qtype, cols)),
+                                            _i32(rows), _i32(cols), *X, _i64(b_off), y, _i32(acc), None, _i64(-1),
+                                            np.float32(0), None, None, None, None, _i32(lpr != 16), _i32(lpr), _i32(ks)))
+            want = ref @ x + bias + (base if acc else 0.0)
+            err = np.abs(cupy.asnumpy(y) - want)
+            assert np.all(err <= tol), (kern, qtype, lpr, acc, ks, float(err.max()))
+
+
+def test_fused_gate_up_wide_vs_numpy(backend):
+    """fd_gate_up_w1_q4k (the wide engine): Q4_K gate and up (pairs), and a Q4_K / Q6_K mix (one row
+    at a time, the Q6_K rows through the 32-value engine) with the prefetch flag FD_PF_FIRST in bits
+    8.. of lpr."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    d, ff = 1024, 320
+    kern = "fd_gate_up_w1_q4k"
+    for tg, tu, threads, pf in (("Q4_K", "Q4_K", 256, 0), ("Q4_K", "Q6_K", 128, 1)):
+        rg, ru = R.random_tensor(tg, ff, d, rng, 0.1), R.random_tensor(tu, ff, d, rng, 0.1)
+        wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
+        wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
+        nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        arena, (og, ou, on) = _arena(rg, ru, nw.view(np.uint8))
+        x = rng.standard_normal(d).astype(np.float32)
+        state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
+        act = cupy.full(ff, np.nan, np.float32)
+        out = _xbufs(ff)
+        _fn(kern)((ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
+                                            _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
+                                            _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
+                                            _i32(min(32, backend.warp_size) | pf << 8)))
+        n = R.rms_norm_ref(x, nw, 1e-6)
+        g, u = wg @ n, wu @ n
+        with np.errstate(over="ignore"):
+            want = R.swiglu_ref(g, u)
+        eg = 1e-5 * (np.abs(wg) @ np.abs(n)) + 4e-5 * np.abs(wg).sum(1) * np.abs(n).max()
+        eu = 1e-5 * (np.abs(wu) @ np.abs(n)) + 4e-5 * np.abs(wu).sum(1) * np.abs(n).max()
+        tol = 1.2 * (eg * (np.abs(u) + eu) + eu * np.abs(g)) + 1e-6
+        got = cupy.asnumpy(act)
+        assert np.all(np.abs(got - want) <= tol), (tg, tu, float(np.abs(got - want).max()))
+        assert np.all(np.abs(_dequant_x(out) - got) <= 2e-5 * np.abs(got).max())
+
+
 def test_fused_gate_up_vs_numpy(backend):
     import cupy
 
@@ -227,13 +293,14 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     ref_out = want[0]
     base = rng.standard_normal(rows_o).astype(np.float32)
     tol = 1e-4 * (np.abs(wo) @ np.abs(ref_out) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(ref_out).max()
-    for merge_max, ls in ((0, ""), (12288, ""), (0, "_ls"), (12288, "_ls")):  # _ls: state read after the wait
+    # _ls: state read after the wait; _m1: the version-1 late merge (fd_stage_merge<1>)
+    for merge_max, ls in ((0, ""), (12288, ""), (0, "_ls"), (12288, "_ls"), (12288, "_m1")):
         nsv = pos // 64 + 1
         late = nsv * nh * hd <= merge_max
         if merge_max:
             out.fill(np.nan)
             hpb = min(G, 4)
-            _fn(f"fd_attn_{kv}_hd{hd}{ls}")((n_split, nkv, -(-G // hpb)), (128,), (
+            _fn(f"fd_attn_{kv}_hd{hd}{ls.replace('_m1', '')}")((n_split, nkv, -(-G // hpb)), (128,), (
                 state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
                 np.float32(1 / math.sqrt(hd)), _i32(merge_max), _i32(hpb)))
             assert bool(cupy.isnan(out).all()) == late
@@ -285,7 +352,12 @@ CASES = [("llama", "q4_1", "tiny"), ("qwen2", "q4_k_m", "tiny"), ("llama", "q5_0
          ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1})]
 
 
-LATE_STATE_CASES = [("llama", "q4_1", "tiny", {"early_state": False}), ("qwen2", "q6_k", "tiny", {"early_state": False}),
+# first: the 32-value engine for the Q4_K / Q6_K gate/up, down and output (tune "wide" 0), and the
+# wide down projection (the 7B cut of CASES' last case stays loaded)
+LATE_STATE_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"wide": 0}),
+                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_first": 0, "wide_down": 1}),
+                    ("llama", "q6_k", "tiny", {"wide_down": 1}),
+                    ("llama", "q4_1", "tiny", {"early_state": False}), ("qwen2", "q6_k", "tiny", {"early_state": False}),
                     ("llama", "q4_1", {"base": "smollm2-135m", "n_layer": 2}, {"early_state": False})]
 
 

@@ -488,7 +488,6 @@ class _CupyExec:
     def __init__(self, plan: DecodePlan, arena, k_cache, v_cache):
         import cupy
 
-        from . import kernels as K
         from .memory import device_alloc
 
         self.plan = plan
@@ -737,8 +736,6 @@ class FastDecoder:
     def _sync(self, what: str) -> None:
         """Wait for this decoder's stream with a deadline (GpuTimeoutError / GpuOpError naming `what`)."""
         import cupy
-
-        from .cupy_backend import GpuOpError, GpuTimeoutError
 
         ev = cupy.cuda.Event(block=False, disable_timing=True)
         ev.record(self.stream)

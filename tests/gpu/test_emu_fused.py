@@ -69,10 +69,10 @@ def test_emu_fused_quantize(ws):
     assert np.all(np.abs(_dequant_x(Xn) - ref) <= 2e-5 * np.repeat(np.abs(ref.reshape(-1, 32)).max(1), 32) + 1e-7)
 
 
-@pytest.mark.parametrize("qtype", R.ALL_QTYPES)
-def test_emu_fused_matvec(qtype):
-    rng = np.random.default_rng(11)
-    rows, cols = 13, 512  # odd rows: the last pair task has one row
+def _check_emu_matvec(qtype, rows, cols, seed, cases):
+    """y (= base when accumulating) += W x + bias on the emulator for each (warp size, lanes per
+    group, accumulate, kernel, groups per task) case, against float64 NumPy."""
+    rng = np.random.default_rng(seed)
     raw = R.random_tensor(qtype, rows, cols, rng)
     ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
     bias = rng.standard_normal(rows).astype(np.float32)
@@ -81,13 +81,6 @@ def test_emu_fused_matvec(qtype):
     x = rng.standard_normal(cols).astype(np.float32)
     base = rng.standard_normal(rows).astype(np.float32)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
-    # (warp size, lanes per group, accumulate, kernel, groups per task: split-K inside the block)
-    cases = [(32, 8, 0, kernels[-1], 1), (32, 16, 1, kernels[0], 1), (32, 32, 1, kernels[-1], 1),
-             (32, 32, 1, kernels[0], 2), (32, 8, 1, kernels[-1], 4),
-             (32, 16, 1, kernels[0] + "_ls", 2)]  # _ls: the state read after the PDL wait
-    if os.environ.get("RF_EMU_FULL") or qtype in ("Q4_K", "Q6_K", "Q4_1"):
-        cases += [(64, 32, 1, kernels[0], 1), (64, 32, 0, kernels[0], 4)]
     for ws, lpr, acc, kern, ks in cases:
         X = _quantize(mod(ws), x)
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
@@ -100,32 +93,25 @@ def test_emu_fused_matvec(qtype):
         assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, ks, float(err.max()), float(tol.min()))
 
 
+@pytest.mark.parametrize("qtype", R.ALL_QTYPES)
+def test_emu_fused_matvec(qtype):
+    kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
+    # (warp size, lanes per group, accumulate, kernel, groups per task: split-K inside the block)
+    cases = [(32, 8, 0, kernels[-1], 1), (32, 16, 1, kernels[0], 1), (32, 32, 1, kernels[-1], 1),
+             (32, 32, 1, kernels[0], 2), (32, 8, 1, kernels[-1], 4),
+             (32, 16, 1, kernels[0] + "_ls", 2)]  # _ls: the state read after the PDL wait
+    if os.environ.get("RF_EMU_FULL") or qtype in ("Q4_K", "Q6_K", "Q4_1"):
+        cases += [(64, 32, 1, kernels[0], 1), (64, 32, 0, kernels[0], 4)]
+    _check_emu_matvec(qtype, 13, 512, 11, cases)  # odd rows: the last pair task has one row
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_emu_fused_matvec_wide(qtype):
     """The wide engine (fd_matvec_w1_<type>); 3 Q6_K blocks per row: every other row starts 2 bytes
     off a word boundary (the funnel-shifted loads)."""
-    rng = np.random.default_rng(17)
-    rows, cols = 13, 768
-    raw = R.random_tensor(qtype, rows, cols, rng)
-    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
-    bias = rng.standard_normal(rows).astype(np.float32)
-    arena, (w_off, b_off) = R.pack_arena(raw, bias.view(np.uint8))
-    rb = R.row_bytes(qtype, cols)
-    x = rng.standard_normal(cols).astype(np.float32)
-    base = rng.standard_normal(rows).astype(np.float32)
-    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    tn = qtype.replace("_", "").lower()
-    kern = f"fd_matvec_w1_{tn}"
-    # (warp size, lanes per group, accumulate, groups per task)
-    for ws, lpr, acc, ks in ((32, 8, 0, 1), (32, 16, 1, 1), (32, 32, 1, 2), (64, 32, 1, 1), (64, 16, 0, 2)):
-        X = _quantize(mod(ws), x)
-        y = base.copy() if acc else np.full(rows, np.nan, np.float32)
-        threads = max(64 if ws == 32 else 128, lpr * ks)
-        mod(ws).launch(kern, (2,), (threads,), arena, None, QTYPE_ID[qtype], w_off, rb, rows, cols, *X, b_off, y, acc,
-                       None, -1, 0.0, None, None, None, None, int(lpr != 16), lpr, ks)
-        want = ref @ x + bias + (base if acc else 0.0)
-        err = np.abs(y - want)
-        assert np.all(err <= tol), (qtype, ws, lpr, acc, kern, ks, float(err.max()), float(tol.min()))
+    kern = f"fd_matvec_w1_{qtype.replace('_', '').lower()}"
+    cases = [(32, 8, 0, kern, 1), (32, 16, 1, kern, 1), (32, 32, 1, kern, 2), (64, 32, 1, kern, 1), (64, 16, 0, kern, 2)]
+    _check_emu_matvec(qtype, 13, 768, 17, cases)
 
 
 def test_emu_fused_matvec_tail():

@@ -142,71 +142,50 @@ def test_fused_matvec_wide_vs_numpy(backend, qtype, kerns, rows, cols):
             assert np.all(err <= tol), (kern, qtype, lpr, acc, ks, float(err.max()))
 
 
+def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0):
+    """Run fd_gate_up kernel `kern` on random tg / tu gate / up weights and a random residual; check
+    act = silu(W_gate n) * (W_up n), n = RMSNorm(x), and its quantized copy, against float64 NumPy."""
+    import cupy
+
+    rg, ru = R.random_tensor(tg, ff, d, rng, 0.1), R.random_tensor(tu, ff, d, rng, 0.1)
+    wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
+    wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    arena, (og, ou, on) = _arena(rg, ru, nw.view(np.uint8))
+    x = rng.standard_normal(d).astype(np.float32)  # the residual: each block normalizes it itself
+    state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
+    act = cupy.full(ff, np.nan, np.float32)
+    out = _xbufs(ff)
+    _fn(kern)((ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
+                                        _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
+                                        _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
+                                        _i32(min(32, backend.warp_size) | pf << 8)))
+    n = R.rms_norm_ref(x, nw, 1e-6)
+    g, u = wg @ n, wu @ n
+    with np.errstate(over="ignore"):
+        want = R.swiglu_ref(g, u)
+    eg = 1e-5 * (np.abs(wg) @ np.abs(n)) + 4e-5 * np.abs(wg).sum(1) * np.abs(n).max()
+    eu = 1e-5 * (np.abs(wu) @ np.abs(n)) + 4e-5 * np.abs(wu).sum(1) * np.abs(n).max()
+    tol = 1.2 * (eg * (np.abs(u) + eu) + eu * np.abs(g)) + 1e-6
+    got = cupy.asnumpy(act)
+    assert np.all(np.abs(got - want) <= tol), (kern, tg, tu, float(np.abs(got - want).max()))
+    assert np.all(np.abs(_dequant_x(out) - got) <= 2e-5 * np.abs(got).max())
+
+
 def test_fused_gate_up_wide_vs_numpy(backend):
     """fd_gate_up_w1_q4k (the wide engine): Q4_K gate and up (pairs), and a Q4_K / Q6_K mix (one row
     at a time, the Q6_K rows through the 32-value engine) with the prefetch flag FD_PF_FIRST in bits
     8.. of lpr."""
-    import cupy
-
     rng = np.random.default_rng(7)
-    d, ff = 1024, 320
-    kern = "fd_gate_up_w1_q4k"
     for tg, tu, threads, pf in (("Q4_K", "Q4_K", 256, 0), ("Q4_K", "Q6_K", 128, 1)):
-        rg, ru = R.random_tensor(tg, ff, d, rng, 0.1), R.random_tensor(tu, ff, d, rng, 0.1)
-        wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
-        wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
-        nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-        arena, (og, ou, on) = _arena(rg, ru, nw.view(np.uint8))
-        x = rng.standard_normal(d).astype(np.float32)
-        state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
-        act = cupy.full(ff, np.nan, np.float32)
-        out = _xbufs(ff)
-        _fn(kern)((ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
-                                            _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
-                                            _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
-                                            _i32(min(32, backend.warp_size) | pf << 8)))
-        n = R.rms_norm_ref(x, nw, 1e-6)
-        g, u = wg @ n, wu @ n
-        with np.errstate(over="ignore"):
-            want = R.swiglu_ref(g, u)
-        eg = 1e-5 * (np.abs(wg) @ np.abs(n)) + 4e-5 * np.abs(wg).sum(1) * np.abs(n).max()
-        eu = 1e-5 * (np.abs(wu) @ np.abs(n)) + 4e-5 * np.abs(wu).sum(1) * np.abs(n).max()
-        tol = 1.2 * (eg * (np.abs(u) + eu) + eu * np.abs(g)) + 1e-6
-        got = cupy.asnumpy(act)
-        assert np.all(np.abs(got - want) <= tol), (tg, tu, float(np.abs(got - want).max()))
-        assert np.all(np.abs(_dequant_x(out) - got) <= 2e-5 * np.abs(got).max())
+        _check_gate_up(backend, rng, 1024, 320, tg, tu, "fd_gate_up_w1_q4k", threads, pf)
 
 
 def test_fused_gate_up_vs_numpy(backend):
-    import cupy
-
     rng = np.random.default_rng(5)
-    d, ff = 896, 320
-    for tg, tu in (("Q5_0", "Q5_0"), ("Q4_K", "Q6_K") if d % 256 == 0 else ("Q8_0", "Q4_1")):
-        rg, ru = R.random_tensor(tg, ff, d, rng, 0.1), R.random_tensor(tu, ff, d, rng, 0.1)
-        wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
-        wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
-        nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-        arena, (og, ou, on) = _arena(rg, ru, nw.view(np.uint8))
-        x = rng.standard_normal(d).astype(np.float32)  # the residual: each block normalizes it itself
-        state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
-        act = cupy.full(ff, np.nan, np.float32)
-        out = _xbufs(ff)
+    for tg, tu in (("Q5_0", "Q5_0"), ("Q8_0", "Q4_1")):
         kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
-        _fn(kern)((ff // 32,), (256,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d), _i32(QID[tg]),
-                                        _i64(og), _i64(R.row_bytes(tg, d)),
-                                        _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
-                                        _i32(min(32, backend.warp_size))))
-        n = R.rms_norm_ref(x, nw, 1e-6)
-        g, u = wg @ n, wu @ n
-        with np.errstate(over="ignore"):
-            want = R.swiglu_ref(g, u)
-        eg = 1e-5 * (np.abs(wg) @ np.abs(n)) + 4e-5 * np.abs(wg).sum(1) * np.abs(n).max()
-        eu = 1e-5 * (np.abs(wu) @ np.abs(n)) + 4e-5 * np.abs(wu).sum(1) * np.abs(n).max()
-        tol = 1.2 * (eg * (np.abs(u) + eu) + eu * np.abs(g)) + 1e-6
-        got = cupy.asnumpy(act)
-        assert np.all(np.abs(got - want) <= tol), (tg, tu, float(np.abs(got - want).max()))
-        assert np.all(np.abs(_dequant_x(out) - got) <= 2e-5 * np.abs(got).max())
+        _check_gate_up(backend, rng, 896, 320, tg, tu, kern, 256)
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])

@@ -42,7 +42,7 @@
 // aligned loads the block layout allows. Other types (F32, F16, BF16, Q2_K, Q3_K, MXFP4) use the
 // float decoders of quant_blocks.h on reconstructed x. Task loops are warp-uniform, so the group
 // reductions' shuffles always see the whole warp.
-// The wide engine (fd_rows_w; kernels fd_gate_up_w<N>_q4k, fd_output_w<N>_q6k / _q4k, fd_matvec_w<N>_*)
+// The wide engine (fd_rows_w; kernels fd_gate_up_w1_q4k, fd_output_w1_q6k / _q4k, fd_matvec_w1_*; N = 1)
 // takes 64-value units of Q4_K (a sub-block pair: header + 32 bytes of qs as 16-byte loads) and
 // Q6_K (16 positions x 4 groups, the 2-byte-aligned blocks read as aligned words and funnel-shifted)
 // and loads N units of each row of a task before any math; the header / scale decode is paid once

@@ -77,15 +77,12 @@ def _i64(v):
 # kernels vs NumPy references
 
 
-@pytest.mark.parametrize("qtype", R.ALL_QTYPES)
-@pytest.mark.parametrize("rows,cols", [(37, 256), (300, 1536), (5, 4608), (3, 18944)])
-def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
+def _check_matvec(backend, qtype, rows, cols, seed, cases):
+    """y (= base when accumulating) += W x + bias for each (lanes per group, accumulate, threads, grid,
+    kernel, groups per task) case, against float64 NumPy; pairs of rows unless lpr 16."""
     import cupy
 
-    qk, _ = R.block_info(qtype)
-    if cols % qk:
-        pytest.skip(f"{cols} not a multiple of the {qtype} block")
-    rng = np.random.default_rng(rows * 7 + cols)
+    rng = np.random.default_rng(seed)
     raw = R.random_tensor(qtype, rows, cols, rng)
     ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
     bias = rng.standard_normal(rows).astype(np.float32)
@@ -95,12 +92,7 @@ def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
     # f32 accumulation + the 16-bit staging of x (error <= 0.5/32639 of a 32-block's maximum)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(x)
-    kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
-    # (lanes per group, accumulate, threads, grid, kernel, groups per task: split-K inside the block)
-    for lpr, acc, threads, grid, kern, ks in ((8, 0, 64, 1, kernels[-1], 1), (16, 1, 128, 3, kernels[0], 1),
-                                              (32, 1, 256, 1000, kernels[0], 1), (32, 1, 256, 7, kernels[0], 4),
-                                              (32, 0, 256, 1000, kernels[-1], 8), (8, 1, 64, 2, kernels[0], 2),
-                                              (16, 1, 128, 3, kernels[0] + "_ls", 1)):  # _ls: late state read
+    for lpr, acc, threads, grid, kern, ks in cases:
         lpr = min(lpr, backend.warp_size)
         y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
         _fn(kern)((grid,), (threads,), (arena, None, _i32(QID[qtype]), _i64(w_off), _i64(R.row_bytes(qtype, cols)),
@@ -108,38 +100,32 @@ def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
                                         np.float32(0), None, None, None, None, _i32(lpr != 16), _i32(lpr), _i32(ks)))
         want = ref @ x + bias + (base if acc else 0.0)
         err = np.abs(cupy.asnumpy(y) - want)
-        assert np.all(err <= tol), (qtype, lpr, acc, ks, float(err.max()))
+        assert np.all(err <= tol), (kern, qtype, lpr, acc, ks, float(err.max()))
 
 
-@pytest.mark.parametrize("qtype,kerns", [("Q4_K", ("fd_matvec_w1_q4k",)), ("Q6_K", ("fd_matvec_w1_q6k",)),
-                                          ("Q8_0", ("fd_matvec_w1_q6k",))])  # another type: the 32-value engine
+@pytest.mark.parametrize("qtype", R.ALL_QTYPES)
+@pytest.mark.parametrize("rows,cols", [(37, 256), (300, 1536), (5, 4608), (3, 18944)])
+def test_fused_matvec_vs_numpy(backend, qtype, rows, cols):
+    qk, _ = R.block_info(qtype)
+    if cols % qk:
+        pytest.skip(f"{cols} not a multiple of the {qtype} block")
+    kernels = ["fd_matvec", "fd_matvec_any"] if qtype in FAST else ["fd_matvec_any"]
+    # (lanes per group, accumulate, threads, grid, kernel, groups per task: split-K inside the block)
+    cases = ((8, 0, 64, 1, kernels[-1], 1), (16, 1, 128, 3, kernels[0], 1), (32, 1, 256, 1000, kernels[0], 1),
+             (32, 1, 256, 7, kernels[0], 4), (32, 0, 256, 1000, kernels[-1], 8), (8, 1, 64, 2, kernels[0], 2),
+             (16, 1, 128, 3, kernels[0] + "_ls", 1))  # _ls: late state read
+    _check_matvec(backend, qtype, rows, cols, rows * 7 + cols, cases)
+
+
+@pytest.mark.parametrize("qtype,kern", [("Q4_K", "fd_matvec_w1_q4k"), ("Q6_K", "fd_matvec_w1_q6k"),
+                                        ("Q8_0", "fd_matvec_w1_q6k")])  # another type: the 32-value engine
 @pytest.mark.parametrize("rows,cols", [(37, 256), (300, 768), (5, 4608), (3, 18944)])
-def test_fused_matvec_wide_vs_numpy(backend, qtype, kerns, rows, cols):
+def test_fused_matvec_wide_vs_numpy(backend, qtype, kern, rows, cols):
     """The wide engine (fd_rows_w: 64-value units loaded before their math). Q6_K rows of an
     odd number of 210-byte blocks start 2 bytes off a word boundary every other row."""
-    import cupy
-
-    rng = np.random.default_rng(rows * 11 + cols)
-    raw = R.random_tensor(qtype, rows, cols, rng)
-    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
-    bias = rng.standard_normal(rows).astype(np.float32)
-    arena, (w_off, b_off) = _arena(raw, bias.view(np.uint8))
-    x = rng.standard_normal(cols).astype(np.float32)
-    base = rng.standard_normal(rows).astype(np.float32)
-    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(bias) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    X = _quantize(x)
-    for kern in kerns:
-        # (lanes per group, accumulate, threads, grid, groups per task); pairs of rows unless lpr 16
-        for lpr, acc, threads, grid, ks in ((8, 0, 64, 1, 1), (16, 1, 128, 3, 1), (32, 1, 256, 1000, 1),
-                                            (32, 1, 256, 7, 4), (32, 0, 256, 1000, 8), (8, 1, 64, 2, 2)):
-            lpr = min(lpr, backend.warp_size)
-            y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
-            _fn(kern)((grid,), (threads,), (arena, None, _i32(QID[qtype]), _i64(w_off), _i64(R.row_bytes(qtype, cols)),
-                                            _i32(rows), _i32(cols), *X, _i64(b_off), y, _i32(acc), None, _i64(-1),
-                                            np.float32(0), None, None, None, None, _i32(lpr != 16), _i32(lpr), _i32(ks)))
-            want = ref @ x + bias + (base if acc else 0.0)
-            err = np.abs(cupy.asnumpy(y) - want)
-            assert np.all(err <= tol), (kern, qtype, lpr, acc, ks, float(err.max()))
+    cases = ((8, 0, 64, 1, kern, 1), (16, 1, 128, 3, kern, 1), (32, 1, 256, 1000, kern, 1),
+             (32, 1, 256, 7, kern, 4), (32, 0, 256, 1000, kern, 8), (8, 1, 64, 2, kern, 2))
+    _check_matvec(backend, qtype, rows, cols, rows * 11 + cols, cases)
 
 
 def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0):

@@ -249,16 +249,19 @@ RF_KERNEL void fd_quantize(const rf_u8* __restrict__ arena, const float* __restr
 // grid-wide atomic, a fence and a serial phase from every o-projection / down-projection launch.
 #define FD_XS_MAX 8192  // the largest d_model the staged kernels take (DecodePlan.check)
 #define FD_XS_REG 2     // 8-value groups per thread kept in registers between the two passes
-struct alignas(16) FdXs {
-    int h[FD_XS_MAX / 4];
-    int l[FD_XS_MAX / 4];
-    float s[FD_XS_MAX / 32];
-    float sum[FD_XS_MAX / 16];
+template <int N>
+struct alignas(16) FdXsN {
+    int h[N / 4];
+    int l[N / 4];
+    float s[N / 32];
+    float sum[N / 16];
 };
+typedef FdXsN<FD_XS_MAX> FdXs;
 
 // Quantize 8 consecutive values z (group g: values 8g..8g+7) into xs, as fd_quant32 does per value;
 // the 4 groups of a 32-block sit in 4 consecutive lanes (lane quads). Every lane calls (shuffles).
-RF_DEV void fd_quant8(const float* z, int g, bool ok, FdXs* xs) {
+template <class XS>
+RF_DEV void fd_quant8(const float* z, int g, bool ok, XS* xs) {
     float a = 0.0f, s = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -298,7 +301,8 @@ RF_DEV void fd_ld8f(const float* p, float* o) {
 // takes the 8-value groups t, t + blockDim, ... (the products src * w of the first FD_XS_REG stay in
 // registers, so src is read once: one round of independent 16-byte loads). The whole block calls; ends with a
 // barrier, so the block may read xs at once. Arithmetic as norm.hip's rms_norm, then fd_quant32's.
-RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, FdXs* xs,
+template <class XS>
+RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, XS* xs,
                          float* red) {
     const int n8 = n / 8, t = (int)threadIdx.x, bd = (int)blockDim.x;
     float z[FD_XS_REG][8];  // src * w (the norm scale applies after the block sum)
@@ -1130,6 +1134,138 @@ __device__ FD_NOINLINE float fd_dot_one_w(int t, const rf_u8* ra, FdX X, int col
     return a;
 }
 
+// ---- the stream engine (large Q4_K / Q6_K matrices: the 7B's gate/up, down and output) ----------
+// A warp streams its rows through a ring of FD_SS shared-memory stages filled by asynchronous 16-byte
+// copies (cp.async on CUDA sm_80+; plain copies elsewhere): while it computes stage i, stages
+// i+1 .. i+S-1 are in flight, so the bytes in flight per warp are bounded by shared memory instead
+// of registers, and the ring's first stages are issued before the programmatic-launch wait (weights
+// only). A warp's work is a list of segments (a row, or two rows sharing x, over a range of their
+// blocks); a segment is cut into `nst` stages of at most `C` whole blocks (at most SB - 16 bytes per
+// row: the copy window is widened to 16-byte boundaries, so a stage keeps its rows' alignment mod
+// 16). Lanes take the stage's 64-value units (W4K / W6K) round-robin; at a segment's last stage the
+// warp sums its lanes (fixed order: deterministic) and hands the dots to the kernel's emit().
+// The block's warps advance in lockstep (one __syncthreads per stage), so every warp runs the same
+// number of stages (empty ones where its list is shorter).
+#define FD_SW 4       // warps per block of the stream kernels (128 threads of 32 lanes, or 256 of 64)
+#define FD_SB 2048    // ring bytes per row per stage
+#define FD_SS 2       // ring stages (FD_SS - 1 in flight while one is computed)
+#define FD_SXS 4096   // d_model bound of the kernels that stage x (FdXsN<FD_SXS>: static shared <= 48 KiB)
+
+// 16 bytes global -> shared, asynchronously where the device can (dst, src 16-byte aligned)
+RF_DEV void fd_cp16(void* dst, const void* src) {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    unsigned long long s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)s), "l"(src) : "memory");
+#else
+    *(fd_u4*)dst = *(const fd_u4*)src;
+#endif
+}
+RF_DEV void fd_cp_commit() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// wait until at most N of this thread's copy groups are pending
+template <int N>
+RF_DEV void fd_cp_wait() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// the warp copies bytes [src, src + n) into dst + (src % 16): whole 16-byte words around them
+RF_DEV void fd_copy_window(rf_u8* dst, const rf_u8* src, int n, int lane) {
+    const rf_u8* a0 = (const rf_u8*)((unsigned long long)src & ~15ull);
+    const int nch = (int)((src + n - a0) + 15) / 16;
+    for (int c = lane; c < nch; c += WARP_SIZE) fd_cp16(dst + 16 * c, a0 + 16 * c);
+}
+
+template <int NROW, int S, int SB>
+struct alignas(16) FdRing {
+    rf_u8 b[S][FD_SW][NROW][SB];
+};
+
+// Segment k of this warp (k >= 0): its rows p[0] (and p[1] when NROW == 2) and block range [b0, b1);
+// false when the warp has fewer segments. Stage st of it: blocks [b0 + st C, min(b0 + (st+1) C, b1)).
+struct FdSeg {
+    const rf_u8* p[2];
+    int b0, b1;
+};
+
+template <class D, int NROW, int S, int SB, class SegF>
+RF_DEV void fd_st_issue(FdRing<NROW, S, SB>& R, int i, int n_items, int nst, int C, const SegF& seg) {
+    FdSeg sg;
+    if (i < n_items && seg(i / nst, sg)) {
+        const int s0 = sg.b0 + (i % nst) * C, s1 = min(s0 + C, sg.b1);
+        if (s0 < s1) {
+#pragma unroll
+            for (int r = 0; r < NROW; ++r)
+                fd_copy_window(R.b[i % S][rf_warp()][r], sg.p[r] + (rf_i64)s0 * D::BS, (s1 - s0) * D::BS, rf_lane());
+        }
+    }
+    fd_cp_commit();  // one group per stage, empty or not: the wait below counts groups
+}
+
+// The ring's first S - 1 stages (before fd_pdl_wait: they read weights only).
+template <class D, int NROW, int S, int SB, class SegF>
+RF_DEV void fd_st_start(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const SegF& seg) {
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) fd_st_issue<D>(R, i, n_items, nst, C, seg);
+}
+
+// Stages 0 .. n_items - 1 of this warp (n_items block-uniform; fd_st_start issued the first S - 1):
+// emit(k, dot_a, dot_b) on every lane after segment k's last stage.
+template <class D, int NROW, int S, int SB, class SegF, class EmitF>
+RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const SegF& seg, const FdX& X,
+                      const EmitF& emit) {
+    const int lane = rf_lane();
+    float acc[2] = {0.0f, 0.0f};
+    for (int i = 0; i < n_items; ++i) {  // block-uniform
+        fd_st_issue<D>(R, i + S - 1, n_items, nst, C, seg);
+        fd_cp_wait<S - 1>();
+        __syncthreads();  // stage i of every warp has landed
+        FdSeg sg;
+        const int k = i / nst, st = i - k * nst;
+        if (seg(k, sg)) {  // warp-uniform
+            const int s0 = sg.b0 + st * C, s1 = min(s0 + C, sg.b1);
+            const int nu = max(s1 - s0, 0) * D::UPB;
+            const rf_u8* base[2];
+#pragma unroll
+            for (int r = 0; r < NROW; ++r)
+                base[r] = R.b[i % S][rf_warp()][r] + ((unsigned long long)(sg.p[r] + (rf_i64)s0 * D::BS) & 15);
+            for (int u = lane; u < nu; u += WARP_SIZE) {
+                const int bl = u / D::UPB, j = u - bl * D::UPB;
+                typename D::W w[NROW];
+#pragma unroll
+                for (int r = 0; r < NROW; ++r) D::load(base[r] + bl * D::BS, j, w[r]);
+                int h[16], l[16];
+                float s[D::NR], sum[D::NR];
+                D::ldx(X, (s0 + bl) * D::QK, j, h, l, s, sum);
+#pragma unroll
+                for (int r = 0; r < NROW; ++r)
+                    acc[r] += D::dot(w[r], j, h, l, s, sum, 8 * (int)((unsigned long long)(base[r] + bl * D::BS) & 2));
+            }
+            if (st == nst - 1) {
+                const float va = rf_warp_sum(acc[0]);
+                const float vb = NROW == 2 ? rf_warp_sum(acc[1]) : 0.0f;
+                emit(k, va, vb);
+                acc[0] = acc[1] = 0.0f;
+            }
+        }
+        __syncthreads();  // the slot of stage i is refilled by the next iteration's issue
+    }
+    fd_cp_wait<0>();
+}
+
+// stages per segment and blocks per stage for segments of at most nb blocks (balanced stages)
+template <class D, int SB>
+RF_DEV void fd_st_shape(int nb, int& nst, int& C) {
+    const int cmax = (SB - 16) / D::BS;
+    nst = max(1, (nb + cmax - 1) / cmax);
+    C = (nb + nst - 1) / nst;
+}
+
 // ---- embedding rows ---------------------------------------------------------------------------
 // dst[0..d) = dequantized row `row` of a table of type t (threads of the block take 32-value items)
 RF_DEV void fd_embed_row(int t, const rf_u8* row, int d, float* dst) {
@@ -1959,6 +2095,46 @@ RF_DEV void fd_block_argmax(float& v, int& i, float* sv, int* si) {
     }
 }
 
+// The end of fd_output: block argmax of (best, besti) -> part_v / part_i; the last block (atomic
+// counter) reduces the partials, writes the token (tokens_out[pos], state.token, state.done, state.pos)
+// and the token's embedding row into resid. Every thread of the block calls.
+RF_DEV void fd_output_tail(float best, int besti, int* state, float* resid, int d, int vocab, float* part_v, int* part_i,
+                           int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
+                           const rf_u8* emb, rf_i64 emb_rb, float* sv, int* si) {
+    __shared__ int s_last, s_tok;
+    fd_block_argmax(best, besti, sv, si);
+    if (threadIdx.x == 0) {
+        part_v[blockIdx.x] = best;
+        part_i[blockIdx.x] = besti;
+        __threadfence();
+        const int old = atomicAdd(counter, 1);
+        s_last = old == (int)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const volatile float* pv = part_v;
+    const volatile int* pi = part_i;
+    float v = -RF_INF;
+    int i = 0x7fffffff;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) fd_argmax_merge(v, i, pv[b], pi[b]);
+    fd_block_argmax(v, i, sv, si);
+    if (threadIdx.x == 0) {
+        const int tok = (i >= 0 && i < vocab) ? i : 0;
+        const int pos = state[FD_ST_POS];
+        tokens_out[pos] = tok;
+        state[FD_ST_TOK] = tok;
+        int stop = 0;
+        for (int k = 0; k < n_stop; ++k) stop |= stop_ids[k] == tok;
+        state[FD_ST_DONE] = stop;
+        state[FD_ST_POS] = pos + 1;
+        *counter = 0;
+        s_tok = tok;
+    }
+    __syncthreads();
+    fd_embed_row(emb_t, emb + (rf_i64)s_tok * emb_rb, d, resid);
+}
+
 // logits[r] = W_out[r] . x (x = RMSNorm(resid) * output_norm, staged per block); argmax over r -> the
 // next token: tokens_out[pos] = token, state.token = token, state.done = token in stop_ids,
 // state.pos = pos + 1; resid = embedding row `token` (the next step's input; the first layer's qkv
@@ -1972,7 +2148,6 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
     __shared__ float red[32];
     __shared__ float sv[32];
     __shared__ int si[32];
-    __shared__ int s_last, s_tok;
     __shared__ FdXs xsh;
     const int n_tasks = (vocab + 1) / 2;
     const int gpb = blockDim.x / lpr, g = threadIdx.x / lpr, gl = threadIdx.x % lpr;
@@ -2014,37 +2189,8 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
             }
         }
     }
-    fd_block_argmax(best, besti, sv, si);
-    if (threadIdx.x == 0) {
-        part_v[blockIdx.x] = best;
-        part_i[blockIdx.x] = besti;
-        __threadfence();
-        const int old = atomicAdd(counter, 1);
-        s_last = old == (int)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    const volatile float* pv = part_v;
-    const volatile int* pi = part_i;
-    float v = -RF_INF;
-    int i = 0x7fffffff;
-    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) fd_argmax_merge(v, i, pv[b], pi[b]);
-    fd_block_argmax(v, i, sv, si);
-    if (threadIdx.x == 0) {
-        const int tok = (i >= 0 && i < vocab) ? i : 0;
-        const int pos = state[FD_ST_POS];
-        tokens_out[pos] = tok;
-        state[FD_ST_TOK] = tok;
-        int stop = 0;
-        for (int k = 0; k < n_stop; ++k) stop |= stop_ids[k] == tok;
-        state[FD_ST_DONE] = stop;
-        state[FD_ST_POS] = pos + 1;
-        *counter = 0;
-        s_tok = tok;
-    }
-    __syncthreads();
-    fd_embed_row(emb_t, arena + emb_off + (rf_i64)s_tok * emb_rb, d, resid);
+    fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
+                   arena + emb_off, emb_rb, sv, si);
 }
 
 #define FD_OUTPUT_ARGS                                                                                    \
@@ -2059,3 +2205,191 @@ RF_KERNEL void fd_output_any(FD_OUTPUT_ARGS) { fd_output_impl<true>(FD_OUTPUT_PA
 // the wide engine for Q6_K / Q4_K output rows (N units per row in flight; at most 256 threads)
 RF_KERNEL FD_LB(3) void fd_output_w1_q6k(FD_OUTPUT_ARGS) { fd_output_impl<false, RF_T_Q6_K, 1>(FD_OUTPUT_PASS); }
 RF_KERNEL FD_LB(3) void fd_output_w1_q4k(FD_OUTPUT_ARGS) { fd_output_impl<false, RF_T_Q4_K, 1>(FD_OUTPUT_PASS); }
+
+// ---- the stream kernels (fd_st_run; Q4_K / Q6_K rows, 16-byte aligned Q4_K rows; see DecodePlan) ----
+// fd_gate_up_s_q4k: fd_gate_up's work (block b: rows 32b .. 32b+31 of gate and up, d <= FD_SXS);
+// each warp streams 32 / n_warps row pairs (gate[r], up[r]). Same arguments (lpr unused).
+template <int S, int SB>
+RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
+                              const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, rf_i64 offg,
+                              rf_i64 rbg, rf_i64 offu, rf_i64 rbu, float* __restrict__ act, int* oh, int* ol, float* os,
+                              float* osum) {
+    __shared__ float a32[32];
+    __shared__ FdXsN<FD_SXS> xsh;
+    __shared__ float red[32];
+    __shared__ FdRing<2, S, SB> ring;
+    const int rpw = 32 / (int)(blockDim.x / WARP_SIZE);  // row pairs per warp
+    const int k0 = rf_warp() * rpw, r0 = 32 * blockIdx.x + k0;
+    const int nb = d / W4K::QK;
+    int nst, C;
+    fd_st_shape<W4K, SB>(nb, nst, C);
+    const int n_items = rpw * nst;
+    auto seg = [&](int k, FdSeg& sg) -> bool {
+        if (k >= rpw) return false;
+        sg.p[0] = arena + offg + (rf_i64)(r0 + k) * rbg;
+        sg.p[1] = arena + offu + (rf_i64)(r0 + k) * rbu;
+        sg.b0 = 0;
+        sg.b1 = nb;
+        return true;
+    };
+    fd_st_start<W4K>(ring, n_items, nst, C, seg);
+    fd_pdl_sync();
+    const int done = state[FD_ST_DONE];
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) {
+        fd_cp_wait<0>();
+        return;
+    }
+    fd_st_run<W4K>(ring, n_items, nst, C, seg, X, [&](int k, float vg, float vu) {
+        if (rf_lane() == 0) a32[k0 + k] = vg / (1.0f + expf(-vg)) * vu;
+    });
+    __syncthreads();
+    if (threadIdx.x < WARP_SIZE) {
+        const bool ok = threadIdx.x < 32;
+        const float v = ok ? a32[threadIdx.x] : 0.0f;
+        if (ok) act[32 * blockIdx.x + threadIdx.x] = v;
+        fd_quant32(v, blockIdx.x, ok, oh, ol, os, osum);
+    }
+}
+#define FD_GATE_UP_S_PASS arena, state, resid, norm_off, eps, d, offg, rbg, offu, rbu, act, oh, ol, os, osum
+RF_KERNEL void fd_gate_up_s_q4k(FD_GATE_UP_ARGS) {
+    (void)tg; (void)tu; (void)d_ff; (void)lpr;
+    fd_gate_up_s_impl<FD_SS, FD_SB>(FD_GATE_UP_S_PASS);
+}
+// _v1: 3 stages of 1024 bytes per row (twice the stages in flight at a time, each half as large)
+RF_KERNEL void fd_gate_up_s_q4k_v1(FD_GATE_UP_ARGS) {
+    (void)tg; (void)tu; (void)d_ff; (void)lpr;
+    fd_gate_up_s_impl<3, 1024>(FD_GATE_UP_S_PASS);
+}
+
+// fd_output_s_<q>: fd_output's work (d <= FD_SXS); warp w of the grid's W streams the row pairs
+// [w T / W, (w+1) T / W) of the T = ceil(vocab / 2) pairs (one wave of blocks). Same arguments (lpr unused).
+template <class D, int S, int SB>
+RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
+                             int d, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
+                             int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
+                             rf_i64 emb_off, rf_i64 emb_rb) {
+    __shared__ float red[32];
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ FdXsN<FD_SXS> xsh;
+    __shared__ FdRing<2, S, SB> ring;
+    const int nw = (int)(blockDim.x / WARP_SIZE);
+    const rf_i64 T = (vocab + 1) / 2, W = (rf_i64)gridDim.x * nw, gw = (rf_i64)blockIdx.x * nw + rf_warp();
+    const int t0 = (int)(gw * T / W), t1 = (int)((gw + 1) * T / W);
+    const int nb = d / D::QK;
+    int nst, C;
+    fd_st_shape<D, SB>(nb, nst, C);
+    const int n_items = (int)((T + W - 1) / W) * nst;
+    auto seg = [&](int k, FdSeg& sg) -> bool {
+        const int t = t0 + k;
+        if (t >= t1) return false;
+        sg.p[0] = arena + off + (rf_i64)(2 * t) * rb;
+        sg.p[1] = arena + off + (rf_i64)(2 * t + 1 < vocab ? 2 * t + 1 : 2 * t) * rb;
+        sg.b0 = 0;
+        sg.b1 = nb;
+        return true;
+    };
+    fd_st_start<D>(ring, n_items, nst, C, seg);
+    fd_pdl_sync();
+    const int done = state[FD_ST_DONE];
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) {
+        fd_cp_wait<0>();
+        return;
+    }
+    float best = -RF_INF;
+    int besti = 0x7fffffff;
+    fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float vb) {
+        if (rf_lane() == 0) {
+            const int ra = 2 * (t0 + k);
+            logits[ra] = va;
+            fd_argmax_merge(best, besti, va, ra);
+            if (ra + 1 < vocab) {
+                logits[ra + 1] = vb;
+                fd_argmax_merge(best, besti, vb, ra + 1);
+            }
+        }
+    });
+    fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
+                   arena + emb_off, emb_rb, sv, si);
+}
+#define FD_OUTPUT_S_PASS                                                                                  \
+    arena, state, resid, norm_off, eps, d, off, rb, vocab, logits, part_v, part_i, counter, tokens_out, stop_ids, \
+        n_stop, emb_t, emb_off, emb_rb
+RF_KERNEL void fd_output_s_q6k(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W6K, FD_SS, FD_SB>(FD_OUTPUT_S_PASS);
+}
+RF_KERNEL void fd_output_s_q4k(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W4K, FD_SS, FD_SB>(FD_OUTPUT_S_PASS);
+}
+RF_KERNEL void fd_output_s_q6k_v1(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W6K, 3, 1024>(FD_OUTPUT_S_PASS);
+}
+RF_KERNEL void fd_output_s_q4k_v1(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W4K, 3, 1024>(FD_OUTPUT_S_PASS);
+}
+
+// fd_matvec_s_<q>: y[r] (+)= W[r] . x for the rows r0 .. r0 + rpb - 1 of block b (r0 = b rpb), x the
+// quantized vector (xh, xl, xs, xsum; the down projection's input); each row's blocks are split over
+// the block's warps (contiguous ranges), whose dots are added in warp order (deterministic).
+#define FD_KP 32  // rows per round of the block's partial dots
+template <class D, int S, int SB>
+RF_DEV void fd_matvec_s_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, rf_i64 off, rf_i64 rb,
+                             int rows, int cols, const int* xh, const int* xl, const float* xs, const float* xsum,
+                             float* y, int accumulate, int rpb) {
+    __shared__ FdRing<1, S, SB> ring;
+    __shared__ float kp[FD_KP][FD_SW];
+    const int nw = (int)(blockDim.x / WARP_SIZE), w = rf_warp();
+    const int nb = cols / D::QK, wb0 = w * nb / nw, wb1 = (w + 1) * nb / nw;
+    int nst, C;
+    fd_st_shape<D, SB>((nb + nw - 1) / nw, nst, C);
+    const int rbeg = blockIdx.x * rpb, rend = min(rbeg + rpb, rows);
+    int r0 = rbeg;
+    auto seg = [&](int k, FdSeg& sg) -> bool {
+        if (k >= FD_KP || r0 + k >= rend) return false;
+        sg.p[0] = sg.p[1] = arena + off + (rf_i64)(r0 + k) * rb;
+        sg.b0 = wb0;
+        sg.b1 = wb1;
+        return true;
+    };
+    const int n_items = min(rpb, FD_KP) * nst;
+    int done = 0;
+    if (state != nullptr) done = fd_ld_state(state, FD_ST_DONE);
+    fd_st_start<D>(ring, n_items, nst, C, seg);
+    fd_pdl_sync();
+    if (done) {
+        fd_cp_wait<0>();
+        return;
+    }
+    FdX X;
+    X.h = xh;
+    X.l = xl;
+    X.s = xs;
+    X.sum16 = xsum;
+    for (; r0 < rbeg + rpb; r0 += FD_KP) {  // block-uniform
+        if (r0 != rbeg) fd_st_start<D>(ring, n_items, nst, C, seg);
+        fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float) {
+            if (rf_lane() == 0) kp[k][w] = va;
+        });
+        __syncthreads();
+        for (int k = (int)threadIdx.x; k < FD_KP && r0 + k < rend; k += (int)blockDim.x) {
+            float v = 0.0f;
+            for (int q = 0; q < nw; ++q) v += kp[k][q];
+            y[r0 + k] = (accumulate ? y[r0 + k] : 0.0f) + v;
+        }
+        __syncthreads();
+    }
+}
+#define FD_MATVEC_S_ARGS                                                                                   \
+    const rf_u8 *arena, const int *state, rf_i64 off, rf_i64 rb, int rows, int cols, const int *xh, const int *xl, \
+        const float *xs, const float *xsum, float *y, int accumulate, int rpb
+#define FD_MATVEC_S_PASS arena, state, off, rb, rows, cols, xh, xl, xs, xsum, y, accumulate, rpb
+RF_KERNEL void fd_matvec_s_q4k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 3, FD_SB>(FD_MATVEC_S_PASS); }
+RF_KERNEL void fd_matvec_s_q6k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 3, FD_SB>(FD_MATVEC_S_PASS); }
+RF_KERNEL void fd_matvec_s_q4k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 4, 1024>(FD_MATVEC_S_PASS); }
+RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1024>(FD_MATVEC_S_PASS); }

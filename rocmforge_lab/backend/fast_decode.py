@@ -73,6 +73,8 @@ ATT_HEAD_DIMS = (32, 64, 128)
 ATT_MAXG = 32
 ATT_QMAX = 4096
 XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
+STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage x (gate/up, output)
+STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -304,9 +306,11 @@ class DecodePlan:
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
-            gwide = self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
+            gstream = self._stream_name("fd_gate_up", "gate_up", (wg, wu))
+            gwide = "" if gstream else self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
             L.append(Launch(
-                gwide or f"fd_gate_up{any_(wg, wu)}", (ff // 32,), (max(gthreads, 64),),
+                gstream or gwide or f"fd_gate_up{any_(wg, wu)}", (ff // 32,),
+                (STREAM_THREADS if gstream else max(gthreads, 64),),
                 (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
@@ -320,8 +324,12 @@ class DecodePlan:
         # multiprocessor at ~80 registers): every block stages the normalized x once and the
         # argmax has fewer partials, instead of 2.7 waves of short blocks
         grid, block = self._shape(-(-V // 2), lpr, per_sm=int(self.tune.get("out_blocks_per_sm", 3)))
+        ostream = self._stream_name("fd_output", "output", (wout,))
+        if ostream:  # one wave of 128-thread blocks, each warp streaming a contiguous range of row pairs
+            grid = (min(self.out_blocks_max, int(self.tune.get("out_s_blocks_per_sm", 4)) * self.n_sm),)
+            block = (STREAM_THREADS,)
         L.append(Launch(
-            self._wide_name("fd_output", "output", (wout,), block[0]) or f"fd_output{any_(wout)}", grid, block,
+            ostream or self._wide_name("fd_output", "output", (wout,), block[0]) or f"fd_output{any_(wout)}", grid, block,
             (Buf("arena"), Buf("state"), Buf("resid"), norm("output_norm.weight"), eps, _i32(d),
              _i32(QTYPE_ID[wout.qtype]), _i64(wout.offset), _i64(wout.row_bytes), _i32(V), Buf("logits"), Buf("out_v"),
              Buf("out_i"), Buf("out_cnt"), Buf("tokens"), Buf("stop"), _i32(MAX_STOP), _i32(QTYPE_ID[emb.qtype]),
@@ -404,6 +412,15 @@ class DecodePlan:
                  Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
                  _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
                 label, kind, w.nbytes)
+        stream = self._stream_name("fd_matvec", kind, (w,)) if self.ls == "" else ""
+        if stream:  # rows in runs of rpb per block (one wave of ~4 blocks per multiprocessor), each row's
+            # blocks split over the block's warps
+            rpb = -(-w.rows // (int(self.tune.get("down_s_blocks_per_sm", 4)) * self.n_sm))
+            return Launch(
+                stream, (-(-w.rows // rpb),), (STREAM_THREADS,),
+                (Buf("arena"), Buf("state"), _i64(w.offset), _i64(w.row_bytes), _i32(w.rows), _i32(w.cols),
+                 Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), Buf("resid"), _i32(1), _i32(rpb)),
+                label, kind, w.nbytes)
         wide = self._wide_name("fd_matvec", kind, (w,), block[0]) if self.ls == "" else ""
         name = wide or "fd_matvec" + any_ + self.ls
         return Launch(
@@ -436,6 +453,28 @@ class DecodePlan:
         if kind == "gate_up" and t != "Q4_K":
             return ""
         return f"{base}_w1_{t.replace('_', '').lower()}"
+
+    def _stream_name(self, base: str, kind: str, ws) -> str:
+        """The stream-engine kernel for `kind` ("gate_up" / "down" / "output": fd_gate_up_s_q4k,
+        fd_matvec_s_q4k / _q6k, fd_output_s_q4k / _q6k) where its matrices are all Q4_K or all Q6_K
+        (Q4_K rows 16-byte aligned) with whole 256-value blocks per row, and (gate/up, output) d_model
+        <= STREAM_XS_MAX; else "". The stream kernels copy each warp's rows through a ring of
+        shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). tune "stream"
+        (0: off), "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
+        1 KiB per row instead of 2 / 3 of 2 KiB)."""
+        qt = {w.qtype for w in ws}
+        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", 1)))
+        if on <= 0 or len(qt) != 1 or next(iter(qt)) not in ("Q4_K", "Q6_K"):
+            return ""
+        t = next(iter(qt))
+        if kind == "gate_up" and t != "Q4_K":
+            return ""
+        if any(w.cols % 256 for w in ws) or (kind != "down" and self.cfg.d_model > STREAM_XS_MAX):
+            return ""
+        if t == "Q4_K" and any(w.offset % 16 or w.row_bytes % 16 for w in ws):
+            return ""
+        v = "_v1" if int(self.tune.get("stream_v", 0)) == 1 else ""  # 3-4 stages of 1 KiB per row instead of 2 KiB
+        return f"{base}_s_{t.replace('_', '').lower()}{v}"
 
     def ks_for(self, n_tasks: int, lpr: int, cols: int) -> int:
         """Lane groups per matvec task: the smallest power of two that leaves each lane at most

@@ -138,11 +138,10 @@ def test_emu_fused_matvec_tail():
     assert np.all(np.abs(_dequant_x(out) - n) <= 2e-5 * np.abs(n).max())
 
 
-@pytest.mark.parametrize("qpair", [("Q4_K", "Q4_K"), ("Q5_0", "Q8_0"), ("Q6_K", "F16")])
-def test_emu_fused_gate_up(qpair):
-    rng = np.random.default_rng(12)
-    d, ff = 256, 64
-    tg, tu = qpair
+def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12):
+    """act = silu(W_gate n) * (W_up n), n = RMSNorm(x) * w, and its quantized copy, on the emulator
+    against float64 NumPy; then with the done flag set the kernel writes nothing."""
+    rng = np.random.default_rng(seed)
     rg, ru = R.random_tensor(tg, ff, d, rng), R.random_tensor(tu, ff, d, rng)
     wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
     wu = R.dequant_ref(ru, tu, ff, d).astype(np.float64)
@@ -153,9 +152,8 @@ def test_emu_fused_gate_up(qpair):
     act = np.full(ff, np.nan, np.float32)
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
-    kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
-    mod().launch(kern, (ff // 32,), (64,), arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
-                 R.row_bytes(tu, d), ff, act, *out, 8)
+    args = (arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou, R.row_bytes(tu, d), ff)
+    mod(ws).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g (result 0)
@@ -163,14 +161,85 @@ def test_emu_fused_gate_up(qpair):
     eg = 1e-5 * (np.abs(wg) @ np.abs(n)) + 4e-5 * np.abs(wg).sum(1) * np.abs(n).max()
     eu = 1e-5 * (np.abs(wu) @ np.abs(n)) + 4e-5 * np.abs(wu).sum(1) * np.abs(n).max()
     tol = 1.2 * (eg * (np.abs(u) + eu) + eu * np.abs(g)) + 1e-6
-    assert np.all(np.abs(act - want) <= tol), float(np.abs(act - want).max())
+    assert np.all(np.abs(act - want) <= tol), (kern, float(np.abs(act - want).max()))
     assert np.all(np.abs(_dequant_x(out) - act) <= 2e-5 * np.abs(act).max())  # its quantized copy
-    # done flag set: the kernel writes nothing
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod().launch(kern, (ff // 32,), (64,), arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou,
-                 R.row_bytes(tu, d), ff, act2, *out, 8)
+    mod(ws).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
     assert np.all(act2 == 7.0)
+
+
+@pytest.mark.parametrize("qpair", [("Q4_K", "Q4_K"), ("Q5_0", "Q8_0"), ("Q6_K", "F16")])
+def test_emu_fused_gate_up(qpair):
+    tg, tu = qpair
+    kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
+    _check_emu_gate_up(tg, tu, 256, 64, kern, 64, 8)
+
+
+# The stream engine (fd_st_run): rows copied through a ring of shared-memory stages. d 4096: two
+# stages of 8 Q4_K blocks per row pair; 768: one stage of 3; warp size 64: 2 warps of 16 row pairs.
+@pytest.mark.parametrize("d,ff,ws", [(768, 64, 32), (4096, 32, 32), (768, 32, 64)])
+def test_emu_stream_gate_up(d, ff, ws):
+    _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws)
+
+
+def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed):
+    """fd_matvec_s_<q>: y (+)= W x for rows in runs of rpb per block, each row's blocks split over
+    the block's warps, against float64 NumPy (tolerance as _check_emu_matvec's)."""
+    rng = np.random.default_rng(seed)
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    arena, (w_off,) = R.pack_arena(raw)
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    X = _quantize(mod(ws), x)
+    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}"
+    for acc in (0, 1):
+        y = base.copy() if acc else np.full(rows, np.nan, np.float32)
+        mod(ws).launch(kern, (-(-rows // rpb),), (128,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols, *X,
+                       y, acc, rpb)
+        err = np.abs(y - (ref @ x + (base if acc else 0.0)))
+        assert np.all(err <= tol), (qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
+
+
+# 3 blocks per row: Q6_K rows start 2 bytes off a word boundary every other row, some warps have no
+# blocks; 40 blocks: several stages per warp; rpb 40 > 32 rows per round (FD_KP): two rounds
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,rpb,ws", [(13, 768, 5, 32), (45, 768, 40, 32), (7, 10240, 3, 32),
+                                              (9, 10240, 4, 64)])
+def test_emu_stream_matvec(qtype, rows, cols, rpb, ws):
+    _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, rows + cols)
+
+
+@pytest.mark.parametrize("qtype,d,vocab,grid,ws", [("Q6_K", 768, 37, 3, 32), ("Q4_K", 4096, 21, 2, 32),
+                                                   ("Q6_K", 2560, 45, 2, 64)])
+def test_emu_stream_output(qtype, d, vocab, grid, ws):
+    """fd_output_s_<q>: logits = W RMSNorm(x) * w over contiguous row-pair ranges per warp (odd vocab:
+    the last pair has one row), the argmax token and state update of the last block, and the token's
+    embedding row written into the residual."""
+    rng = np.random.default_rng(vocab)
+    raw = R.random_tensor(qtype, vocab, d, rng)
+    W = R.dequant_ref(raw, qtype, vocab, d).astype(np.float64)
+    emb = rng.standard_normal((vocab, d)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    arena, (wo, eo, no) = R.pack_arena(raw, emb.view(np.uint8), nw.view(np.uint8))
+    x = rng.standard_normal(d).astype(np.float32)
+    resid = x.copy()
+    state = np.array([4, 0, 0, 0], np.int32)
+    logits = np.full(vocab, np.nan, np.float32)
+    part_v, part_i, cnt = np.zeros(grid, np.float32), np.zeros(grid, np.int32), np.zeros(1, np.int32)
+    tokens, stop = np.full(8, -1, np.int32), np.full(4, -1, np.int32)
+    kern = f"fd_output_s_{qtype.replace('_', '').lower()}"
+    mod(ws).launch(kern, (grid,), (128,), arena, state, resid, no, 1e-5, d, QTYPE_ID[qtype], wo, R.row_bytes(qtype, d),
+                   vocab, logits, part_v, part_i, cnt, tokens, stop, 4, QTYPE_ID["F32"], eo, 4 * d, 0)
+    n = R.rms_norm_ref(x, nw, 1e-5)
+    want = W @ n
+    tol = 1e-5 * (np.abs(W) @ np.abs(n)) + 2e-5 * np.abs(W).sum(1) * np.abs(n).max()
+    assert np.all(np.abs(logits - want) <= tol), float(np.abs(logits - want).max())
+    tok = int(np.argmax(logits))
+    assert tokens[4] == tok and tuple(state[:3]) == (5, tok, 0) and cnt[0] == 0
+    assert np.array_equal(resid, emb[tok])
 
 
 # _ls: the kernels that read the state after the PDL wait; _m1: fd_oproj_m1, the version-1 late merge
@@ -299,7 +368,8 @@ class EmuDecoder:
             self.mod.launch(l.kernel, l.grid, l.block, *[self._arg(a) for a in l.args])
 
 
-PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {}),
+PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {}),  # q4_k_m: the stream kernels
+              ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide / 32-value engines for the same model
               ("llama", "q4_1", "f16", {"early_state": False})]  # the "_ls" kernels (state read after the wait)
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
@@ -315,6 +385,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     n_ctx = 16
     dec = EmuDecoder(cfg, refs, arena, kv, n_ctx, tune=tune)
     assert len(dec.plan.launches) == 5 * cfg.n_layer + 1
+    n_stream = sum("_s_q" in l.kernel for l in dec.plan.launches)
+    assert (n_stream > 0) == (qtype == "q4_k_m" and tune.get("stream", 1) != 0), [l.kernel for l in dec.plan.launches]
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

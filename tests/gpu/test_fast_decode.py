@@ -167,6 +167,80 @@ def test_fused_gate_up_wide_vs_numpy(backend):
         _check_gate_up(backend, rng, 1024, 320, tg, tu, "fd_gate_up_w1_q4k", threads, pf)
 
 
+def test_fused_gate_up_stream_vs_numpy(backend):
+    """fd_gate_up_s_q4k (the stream engine: each warp's row pairs copied through a ring of shared
+    memory stages): d 1024 (4 blocks per row), 3584 (the 7B's 14: one stage), 4096 (two stages)."""
+    rng = np.random.default_rng(8)
+    for d, ff in ((1024, 320), (3584, 96), (4096, 64)):
+        for v in ("", "_v1"):  # _v1: 3 stages of 1 KiB per row
+            _check_gate_up(backend, rng, d, ff, "fd_gate_up_s_q4k" + v, 128)
+
+
+def _stream_matvec(qtype, rows, cols, rpb, seed, v=""):
+    import cupy
+
+    rng = np.random.default_rng(seed)
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    arena, (w_off,) = _arena(raw)
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    X = _quantize(x)
+    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}"
+    for acc in (0, 1):
+        y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
+        _fn(kern)((-(-rows // rpb),), (128,), (arena, None, _i64(w_off), _i64(R.row_bytes(qtype, cols)), _i32(rows),
+                                              _i32(cols), *X, y, _i32(acc), _i32(rpb)))
+        err = np.abs(cupy.asnumpy(y) - (ref @ x + (base if acc else 0.0)))
+        assert np.all(err <= tol), (kern, rows, cols, rpb, acc, float(err.max()))
+
+
+@pytest.mark.parametrize("v", ["", "_v1"])  # _v1: 4 stages of 1 KiB
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,rpb", [(37, 256, 5), (300, 768, 40), (5, 4608, 1), (600, 18944, 7),
+                                           (3584, 18944, 7)])
+def test_fused_matvec_stream_vs_numpy(backend, qtype, rows, cols, rpb, v):
+    """fd_matvec_s_<q> (the down projection's stream kernel): rows in runs of rpb per block, each
+    row's blocks split over the block's 4 warps (18944 columns: the 7B's down, several stages per
+    warp); Q6_K rows of an odd number of blocks start 2 bytes off a word boundary."""
+    _stream_matvec(qtype, rows, cols, rpb, rows + cols + rpb, v)
+
+
+@pytest.mark.parametrize("v", ["", "_v1"])
+@pytest.mark.parametrize("qtype,d,vocab,grid", [("Q6_K", 3584, 1001, 7), ("Q4_K", 1024, 4097, 132),
+                                                ("Q6_K", 4096, 77, 200)])
+def test_fused_output_stream_vs_numpy(backend, qtype, d, vocab, grid, v):
+    """fd_output_s_<q>: logits of RMSNorm(x) over contiguous row-pair ranges per warp (odd vocab;
+    more warps than pairs in the last case), the argmax token, state update and next embedding."""
+    import cupy
+
+    rng = np.random.default_rng(vocab)
+    raw = R.random_tensor(qtype, vocab, d, rng)
+    W = R.dequant_ref(raw, qtype, vocab, d).astype(np.float64)
+    emb = rng.standard_normal((vocab, d)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    arena, (wo, eo, no) = _arena(raw, emb.view(np.uint8), nw.view(np.uint8))
+    x = rng.standard_normal(d).astype(np.float32)
+    resid = cupy.asarray(x)
+    state = cupy.asarray(np.array([4, 0, 0, 0], np.int32))
+    logits = cupy.full(vocab, np.nan, np.float32)
+    part_v, part_i, cnt = cupy.zeros(grid, np.float32), cupy.zeros(grid, np.int32), cupy.zeros(1, np.int32)
+    tokens, stop = cupy.full(8, -1, np.int32), cupy.full(4, -1, np.int32)
+    _fn(f"fd_output_s_{qtype.replace('_', '').lower()}{v}")((grid,), (128,), (
+        arena, state, resid, _i64(no), np.float32(1e-5), _i32(d), _i32(QID[qtype]), _i64(wo),
+        _i64(R.row_bytes(qtype, d)), _i32(vocab), logits, part_v, part_i, cnt, tokens, stop, _i32(4), _i32(QID["F32"]),
+        _i64(eo), _i64(4 * d), _i32(0)))
+    n = R.rms_norm_ref(x, nw, 1e-5)
+    want = W @ n
+    tol = 1e-5 * (np.abs(W) @ np.abs(n)) + 2e-5 * np.abs(W).sum(1) * np.abs(n).max()
+    got = cupy.asnumpy(logits)
+    assert np.all(np.abs(got - want) <= tol), float(np.abs(got - want).max())
+    tok = int(np.argmax(got))
+    assert int(tokens[4].get()) == tok and tuple(cupy.asnumpy(state)[:3]) == (5, tok, 0) and int(cnt[0].get()) == 0
+    assert np.array_equal(cupy.asnumpy(resid), emb[tok])
+
+
 def test_fused_gate_up_vs_numpy(backend):
     rng = np.random.default_rng(5)
     for tg, tu in (("Q5_0", "Q5_0"), ("Q8_0", "Q4_1")):
@@ -317,10 +391,13 @@ CASES = [("llama", "q4_1", "tiny"), ("qwen2", "q4_k_m", "tiny"), ("llama", "q5_0
          ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1})]
 
 
-# first: the 32-value engine for the Q4_K / Q6_K gate/up, down and output (tune "wide" 0), and the
-# wide down projection (the 7B cut of CASES' last case stays loaded)
-LATE_STATE_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"wide": 0}),
-                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_first": 0, "wide_down": 1}),
+# first: the 32-value engine for the Q4_K / Q6_K gate/up, down and output (tunes "stream" and "wide"
+# 0), the wide engine with the wide down projection, and the stream kernels but the down (the 7B cut
+# of CASES' last case stays loaded; by default it runs the stream kernels)
+LATE_STATE_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 0, "wide": 0}),
+                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1},
+                     {"stream": 0, "pf_first": 0, "wide_down": 1}),
+                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream_down": 0}),
                     ("llama", "q6_k", "tiny", {"wide_down": 1}),
                     ("llama", "q4_1", "tiny", {"early_state": False}), ("qwen2", "q6_k", "tiny", {"early_state": False}),
                     ("llama", "q4_1", {"base": "smollm2-135m", "n_layer": 2}, {"early_state": False})]

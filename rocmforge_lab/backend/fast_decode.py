@@ -75,6 +75,7 @@ ATT_QMAX = 4096
 XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
 STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage x (gate/up, output)
 STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
+STREAM_DEFAULT = 0    # the stream kernels are opt-in (tune "stream" 1) until measured on a GPU
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -463,7 +464,7 @@ class DecodePlan:
         (0: off), "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
         1 KiB per row instead of 2 / 3 of 2 KiB)."""
         qt = {w.qtype for w in ws}
-        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", 1)))
+        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULT)))
         if on <= 0 or len(qt) != 1 or next(iter(qt)) not in ("Q4_K", "Q6_K"):
             return ""
         t = next(iter(qt))

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as R  # noqa: E402
-from rocmforge_lab.backend.fast_decode import QTYPE_ID  # noqa: E402
+from rocmforge_lab.backend.fast_decode import QTYPE_ID, STREAM_DEFAULT  # noqa: E402
 from emu import emu as E  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not E.available(), reason="g++ not found: the CPU kernel emulator needs it")
@@ -368,8 +368,8 @@ class EmuDecoder:
             self.mod.launch(l.kernel, l.grid, l.block, *[self._arg(a) for a in l.args])
 
 
-PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {}),  # q4_k_m: the stream kernels
-              ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide / 32-value engines for the same model
+PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide engine
+              ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False})]  # the "_ls" kernels (state read after the wait)
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
@@ -386,7 +386,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     dec = EmuDecoder(cfg, refs, arena, kv, n_ctx, tune=tune)
     assert len(dec.plan.launches) == 5 * cfg.n_layer + 1
     n_stream = sum("_s_q" in l.kernel for l in dec.plan.launches)
-    assert (n_stream > 0) == (qtype == "q4_k_m" and tune.get("stream", 1) != 0), [l.kernel for l in dec.plan.launches]
+    want_stream = qtype == "q4_k_m" and tune.get("stream", STREAM_DEFAULT) != 0
+    assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

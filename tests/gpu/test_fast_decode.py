@@ -392,19 +392,22 @@ CASES = [("llama", "q4_1", "tiny"), ("qwen2", "q4_k_m", "tiny"), ("llama", "q5_0
 
 
 # first: the 32-value engine for the Q4_K / Q6_K gate/up, down and output (tunes "stream" and "wide"
-# 0), the wide engine with the wide down projection, and the stream kernels but the down (the 7B cut
-# of CASES' last case stays loaded; by default it runs the stream kernels)
+# 0), the wide engine with the wide down projection, the stream kernels (all three kinds; and all but
+# the down) (the 7B cut of CASES' last case stays loaded)
 LATE_STATE_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 0, "wide": 0}),
                     ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1},
                      {"stream": 0, "pf_first": 0, "wide_down": 1}),
-                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream_down": 0}),
+                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1}),
+                    ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "stream_down": 0}),
+                    ("qwen2", "q4_k_m", "tiny", {"stream": 1}),
                     ("llama", "q6_k", "tiny", {"wide_down": 1}),
                     ("llama", "q4_1", "tiny", {"early_state": False}), ("qwen2", "q6_k", "tiny", {"early_state": False}),
                     ("llama", "q4_1", {"base": "smollm2-135m", "n_layer": 2}, {"early_state": False})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES,
-                         ids=lambda v: (v if isinstance(v, str) else v.get("base", "late_state" if v else "")))
+                         ids=lambda v: (v if isinstance(v, str) else
+                                        v.get("base", ("stream" if v.get("stream") else "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder
 

@@ -54,6 +54,10 @@
 // as coalesced 16-byte chunks (284 / 247 with 2 / 4 chunks in flight), a gate/up grid of one wave
 // looping over the chunks, and prefetching each task's next rows into L2 (275-280). FD_PF_FIRST in
 // bits 8.. of fd_gate_up's lpr argument: its prologue prefetches only each group's first row pair.
+// The stream engine (fd_st_run; kernels fd_gate_up_s_q4k, fd_matvec_s_q4k / _q6k, fd_output_s_q4k /
+// _q6k, and _v1 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
+// with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers; opt-in from the
+// decode plan (tune "stream"; not yet measured on a GPU, see benchmarks/RESULTS.md v8).
 // References: tests/gpu/test_fast_decode.py (GPU) and tests/gpu/test_emu_fused.py (CPU emulator).
 #include "compat.h"
 #include "quant_blocks.h"

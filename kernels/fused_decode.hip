@@ -2008,6 +2008,17 @@ RF_KERNEL void fd_oproj_m1(FD_OPROJ_ARGS) { fd_oproj_impl<false, true, 1>(FD_OPR
 RF_KERNEL void fd_oproj_any_m1(FD_OPROJ_ARGS) { fd_oproj_impl<true, true, 1>(FD_OPROJ_PASS); }
 
 // ---- fd_gate_up -------------------------------------------------------------------------------
+// act[32b .. 32b+31] = a32 (block b's SwiGLU outputs, in shared memory) and its quantized 32-block b
+// (the down projection's input); after a barrier, every thread of the block calls
+RF_DEV void fd_act_store(const float* a32, float* act, int* oh, int* ol, float* os, float* osum) {
+    if (threadIdx.x < WARP_SIZE) {
+        const bool ok = threadIdx.x < 32;
+        const float v = ok ? a32[threadIdx.x] : 0.0f;
+        if (ok) act[32 * blockIdx.x + threadIdx.x] = v;
+        fd_quant32(v, blockIdx.x, ok, oh, ol, os, osum);
+    }
+}
+
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x
 // (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input).
 template <bool ANY, int WT = 0, int NU = 0>
@@ -2052,12 +2063,7 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         if (gl == 0) a32[k] = vg / (1.0f + expf(-vg)) * vu;
     }
     __syncthreads();
-    if (threadIdx.x < WARP_SIZE) {
-        const bool ok = threadIdx.x < 32;
-        const float v = ok ? a32[threadIdx.x] : 0.0f;
-        if (ok) act[r0 + threadIdx.x] = v;
-        fd_quant32(v, blockIdx.x, ok, oh, ol, os, osum);
-    }
+    fd_act_store(a32, act, oh, ol, os, osum);
 }
 
 #define FD_GATE_UP_ARGS                                                                                   \
@@ -2248,12 +2254,7 @@ RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __rest
         if (rf_lane() == 0) a32[k0 + k] = vg / (1.0f + expf(-vg)) * vu;
     });
     __syncthreads();
-    if (threadIdx.x < WARP_SIZE) {
-        const bool ok = threadIdx.x < 32;
-        const float v = ok ? a32[threadIdx.x] : 0.0f;
-        if (ok) act[32 * blockIdx.x + threadIdx.x] = v;
-        fd_quant32(v, blockIdx.x, ok, oh, ol, os, osum);
-    }
+    fd_act_store(a32, act, oh, ol, os, osum);
 }
 #define FD_GATE_UP_S_PASS arena, state, resid, norm_off, eps, d, offg, rbg, offu, rbu, act, oh, ol, os, osum
 RF_KERNEL void fd_gate_up_s_q4k(FD_GATE_UP_ARGS) {

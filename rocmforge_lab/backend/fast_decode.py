@@ -446,14 +446,21 @@ class DecodePlan:
         kind; default on for gate/up and output, off for down (H200, 7B shape: 299 tok/s vs 291
         with the wide down, 284 with none). Kernels: gate/up Q4_K, output Q4_K / Q6_K, matvec
         Q4_K / Q6_K, <= 256 threads per block."""
-        qt = {w.qtype for w in ws}
         on = int(self.tune.get(f"wide_{kind}", self.tune.get("wide", 0 if kind == "down" else 1)))
-        if on <= 0 or threads > 256 or len(qt) != 1 or next(iter(qt)) not in ("Q4_K", "Q6_K"):
-            return ""
-        t = next(iter(qt))
-        if kind == "gate_up" and t != "Q4_K":
+        t = self._k_type(kind, ws)
+        if on <= 0 or threads > 256 or not t:
             return ""
         return f"{base}_w1_{t.replace('_', '').lower()}"
+
+    @staticmethod
+    def _k_type(kind: str, ws) -> str:
+        """"Q4_K" or "Q6_K" where the matrices of `kind` are all of that type (gate/up: Q4_K only),
+        the types the wide and stream kernels are built for; else ""."""
+        qt = {w.qtype for w in ws}
+        t = next(iter(qt)) if len(qt) == 1 else ""
+        if t not in ("Q4_K", "Q6_K") or (kind == "gate_up" and t != "Q4_K"):
+            return ""
+        return t
 
     def _stream_name(self, base: str, kind: str, ws) -> str:
         """The stream-engine kernel for `kind` ("gate_up" / "down" / "output": fd_gate_up_s_q4k,
@@ -463,12 +470,9 @@ class DecodePlan:
         shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). tune "stream"
         (0: off), "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
         1 KiB per row instead of 2 / 3 of 2 KiB)."""
-        qt = {w.qtype for w in ws}
         on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULT)))
-        if on <= 0 or len(qt) != 1 or next(iter(qt)) not in ("Q4_K", "Q6_K"):
-            return ""
-        t = next(iter(qt))
-        if kind == "gate_up" and t != "Q4_K":
+        t = self._k_type(kind, ws)
+        if on <= 0 or not t:
             return ""
         if any(w.cols % 256 for w in ws) or (kind != "down" and self.cfg.d_model > STREAM_XS_MAX):
             return ""

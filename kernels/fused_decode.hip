@@ -2008,6 +2008,8 @@ RF_KERNEL void fd_oproj_m1(FD_OPROJ_ARGS) { fd_oproj_impl<false, true, 1>(FD_OPR
 RF_KERNEL void fd_oproj_any_m1(FD_OPROJ_ARGS) { fd_oproj_impl<true, true, 1>(FD_OPROJ_PASS); }
 
 // ---- fd_gate_up -------------------------------------------------------------------------------
+RF_DEV float fd_swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // act[32b .. 32b+31] = a32 (block b's SwiGLU outputs, in shared memory) and its quantized 32-block b
 // (the down projection's input); after a barrier, every thread of the block calls
 RF_DEV void fd_act_store(const float* a32, float* act, int* oh, int* ol, float* os, float* osum) {
@@ -2060,7 +2062,7 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         }
         vg = rf_group_sum(vg, lpr);
         vu = rf_group_sum(vu, lpr);
-        if (gl == 0) a32[k] = vg / (1.0f + expf(-vg)) * vu;
+        if (gl == 0) a32[k] = fd_swiglu(vg, vu);
     }
     __syncthreads();
     fd_act_store(a32, act, oh, ol, os, osum);
@@ -2082,6 +2084,16 @@ RF_DEV void fd_argmax_merge(float& v, int& i, float ov, int oi) {
     if (ov > v || (ov == v && oi < i) || (v != v && ov == ov)) {  // NaN never wins
         v = ov;
         i = oi;
+    }
+}
+
+// logits[ra] = va and, where ra + 1 < vocab, logits[ra + 1] = vb, merged into this lane's argmax
+RF_DEV void fd_logit_pair(float* logits, int vocab, int ra, float va, float vb, float& best, int& besti) {
+    logits[ra] = va;
+    fd_argmax_merge(best, besti, va, ra);
+    if (ra + 1 < vocab) {
+        logits[ra + 1] = vb;
+        fd_argmax_merge(best, besti, vb, ra + 1);
     }
 }
 
@@ -2190,14 +2202,7 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
         }
         va = rf_group_sum(va, lpr);
         vb = rf_group_sum(vb, lpr);
-        if (valid && gl == 0) {
-            logits[ra] = va;
-            fd_argmax_merge(best, besti, va, ra);
-            if (has_b) {
-                logits[rbw] = vb;
-                fd_argmax_merge(best, besti, vb, rbw);
-            }
-        }
+        if (valid && gl == 0) fd_logit_pair(logits, vocab, ra, va, vb, best, besti);
     }
     fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
                    arena + emb_off, emb_rb, sv, si);
@@ -2251,7 +2256,7 @@ RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __rest
         return;
     }
     fd_st_run<W4K>(ring, n_items, nst, C, seg, X, [&](int k, float vg, float vu) {
-        if (rf_lane() == 0) a32[k0 + k] = vg / (1.0f + expf(-vg)) * vu;
+        if (rf_lane() == 0) a32[k0 + k] = fd_swiglu(vg, vu);
     });
     __syncthreads();
     fd_act_store(a32, act, oh, ol, os, osum);
@@ -2306,15 +2311,7 @@ RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float*
     float best = -RF_INF;
     int besti = 0x7fffffff;
     fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float vb) {
-        if (rf_lane() == 0) {
-            const int ra = 2 * (t0 + k);
-            logits[ra] = va;
-            fd_argmax_merge(best, besti, va, ra);
-            if (ra + 1 < vocab) {
-                logits[ra + 1] = vb;
-                fd_argmax_merge(best, besti, vb, ra + 1);
-            }
-        }
+        if (rf_lane() == 0) fd_logit_pair(logits, vocab, 2 * (t0 + k), va, vb, best, besti);
     });
     fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
                    arena + emb_off, emb_rb, sv, si);

@@ -195,6 +195,10 @@ def bench_one(spec, args, bw):
                 continue
             r["tune"].append({"tune": tune, "tok_s": ng / tv, "tokens_equal": run.out == tokens_graph})
             print(f"  tune {tune}: {ng / tv:,.0f} tok/s", flush=True)
+            if args.profile_tunes and tune:
+                rows = profile_decode_step(fdv)
+                r["tune"][-1]["profile"] = {k: v for k, v in summarize(rows).items()}
+                print(format_profile(rows, f"{label}, tune {tune}: per-kernel GPU time of one decode step"), flush=True)
             if ng / tv > best[0]:
                 best = (ng / tv, tune)
             del fdv
@@ -252,6 +256,8 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tunes", default="", help="with --tune: only these variants, e.g. early_state=0,pdl=0+merge_max=0 "
                     "(',' between variants, '+' between the keys of one; the defaults are re-measured after them)")
+    ap.add_argument("--profile-tunes", action="store_true",
+                    help="with --tune: also print the per-kernel profile of each variant")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dir", default="/tmp")
     args = ap.parse_args(argv)

@@ -87,7 +87,7 @@ def bench_one(spec, args, bw):
     cfg = m.config
     npr, ng = args.n_prompt, args.n_gen
     prompt = np.random.default_rng(0).integers(100, min(cfg.vocab_size, 20000), size=npr).tolist()
-    s = m.session(n_ctx=npr + ng + 16)
+    s = m.session(n_ctx=args.n_ctx or npr + ng + 16)
 
     # ---- prefill
     def step_forward(ids):  # the op-by-op program (what stepping and tracing run)
@@ -251,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n-ctx", type=int, default=0,
+                    help="session context (default: prompt + generated + 16, as llama-bench sizes its context)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-prefill", default="smollm2")
     ap.add_argument("--tune", action="store_true")

@@ -76,6 +76,7 @@ XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
 STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage x (gate/up, output)
 STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 STREAM_DEFAULT = 0    # the stream kernels are opt-in (tune "stream" 1) until measured on a GPU
+ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph; see FastDecoder._splits_for
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -568,6 +569,12 @@ class _CupyExec:
         kind, v = a
         return {"i32": np.int32, "i64": np.int64, "f32": np.float32}[kind](v)
 
+    def calls_with_splits(self, n_split: int) -> list:
+        """The step's calls with every attention grid cut to its first `n_split` 64-key splits
+        (enough for positions < 64 n_split: the blocks past the position only load and return)."""
+        return [(fn, (n_split,) + tuple(grid[1:]) if l.kind == "attn" else grid, block, args)
+                for l, (fn, grid, block, args) in zip(self.plan.launches, self.calls)]
+
     def launch_all(self) -> None:
         for fn, grid, block, args in self.calls:
             fn(grid, block, args)
@@ -688,6 +695,8 @@ class FastDecoder:
         self.mode = "eager"
         self.graph_error: str | None = None
         self.graph = None
+        # attention grid (splits) -> (one-step graph, chunk graph, what their launches keep alive)
+        self._graphs: dict[int, tuple] = {}
         self.pdl = False
         self.pdl_error: str | None = None
         self._warm()
@@ -723,19 +732,42 @@ class FastDecoder:
             return False
 
     def _capture(self) -> None:
+        """Capture the full-grid graphs (mode "graph"), with programmatic launches where wanted;
+        failing that without them; failing that, mode "eager"."""
         self.pdl = False
         self.pdl_error = None
+        self._graphs = {}
         if self._pdl_wanted():
             try:
-                pl = _PdlLauncher()
-                prepared = [pl.prepare(*c) for c in self.exec.calls]
-                self._capture_with(lambda: [pl.launch(p, self.stream.ptr) for p in prepared])
-                self._pdl_keep = (pl, prepared)  # the marshalled arguments outlive the capture
+                self._graphs[self.plan.n_split] = self._capture_calls(self.exec.calls, pdl=True)
                 self.pdl = True
-                return
             except Exception as exc:  # no driver entry point / attribute: plain launches
                 self.pdl_error = f"{type(exc).__name__}: {exc}"
-        self._capture_with(self.exec.launch_all)
+        if not self._graphs:
+            try:
+                self._graphs[self.plan.n_split] = self._capture_calls(self.exec.calls, pdl=False)
+            except Exception as exc:  # no graph support: eager launches
+                self.mode = "eager"
+                self.graph = self.graph_chunk = None
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                return
+        self.mode = "graph"
+        self.graph_error = None
+        self.graph, self.graph_chunk = self._graphs[self.plan.n_split][:2]
+
+    def _capture_calls(self, calls: list, pdl: bool) -> tuple:
+        """(one-step graph, `chunk`-step graph or None, what the launches keep alive) of `calls`."""
+        if pdl:
+            pl = _PdlLauncher()
+            prepared = [pl.prepare(*c) for c in calls]
+            launch, keep = (lambda: [pl.launch(p, self.stream.ptr) for p in prepared]), (pl, prepared)
+        else:
+            launch, keep = (lambda: [fn(grid, block, args) for fn, grid, block, args in calls]), None
+        one = self._capture_one(launch, 1)
+        # one replay per chunk of tokens: no host launch between the steps of a chunk, and with
+        # programmatic launch the next step's first kernel overlaps the previous step's output
+        chunk = self._capture_one(launch, self.chunk) if self.graph_steps > 1 else None
+        return one, chunk, keep  # the marshalled arguments outlive the capture
 
     def _capture_one(self, launch, steps: int):
         """A graph of `steps` consecutive decode steps (each step's kernels read the position and
@@ -746,31 +778,39 @@ class FastDecoder:
             try:
                 for _ in range(steps):
                     launch()
-            finally:
-                g = s.end_capture()
+            except BaseException:
+                try:
+                    if s.is_capturing():
+                        s.end_capture()
+                except Exception:
+                    pass
+                raise
+            g = s.end_capture()
         return g
 
-    def _capture_with(self, launch) -> None:
-        s = self.stream
-        try:
-            self.graph = self._capture_one(launch, 1)
-            # one replay per chunk of tokens: no host launch between the steps of a chunk, and with
-            # programmatic launch the next step's first kernel overlaps the previous step's output
-            self.graph_chunk = self._capture_one(launch, self.chunk) if self.graph_steps > 1 else None
-            self.mode = "graph"
-            self.graph_error = None
-        except Exception as exc:  # no graph support: eager launches
-            self.graph = None
-            self.graph_chunk = None
-            self.mode = "eager"
-            self.graph_error = f"{type(exc).__name__}: {exc}"
+    def _splits_for(self, pos: int) -> int:
+        """The attention grid (64-key splits) for steps at positions <= pos: the smallest of
+        ATT_MIN_SPLITS, 2 ATT_MIN_SPLITS, 4 ATT_MIN_SPLITS, ... that covers keys 0..pos, at most the
+        context's (tune "att_min_splits"). A long context with a short sequence so launches few
+        attention blocks past the position (each loads its keys before it can read the position)."""
+        n, need = self.plan.n_split, pos // ATT_CHUNK + 1
+        b = max(1, int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS)))
+        while b < need:
+            b *= 2
+        return min(b, n)
+
+    def _graphs_for(self, pos: int) -> tuple:
+        """(one-step graph, chunk graph) for steps at positions <= pos (captured on first use;
+        the full-grid pair where that capture fails); (None, None) in eager mode."""
+        if self.mode != "graph":
+            return None, None
+        b = self._splits_for(pos)
+        if b not in self._graphs:
             try:
-                if s.is_capturing():
-                    s.end_capture()
+                self._graphs[b] = self._capture_calls(self.exec.calls_with_splits(b), pdl=self.pdl)
             except Exception:
-                pass
-            if self.pdl_error is None and self._pdl_wanted():
-                raise  # let _capture retry without programmatic launches
+                b = self.plan.n_split
+        return self._graphs[b][:2]
 
     def valid_for(self, session) -> bool:
         return (self.session_ref() is session and
@@ -804,9 +844,9 @@ class FastDecoder:
                 time.sleep(pause)
             pause = min(pause * 2, 1e-3)
 
-    def _launch_step(self) -> None:
-        if self.graph is not None:
-            self.graph.launch(self.stream)
+    def _launch_step(self, graph=None) -> None:
+        if graph is not None:
+            graph.launch(self.stream)
         else:
             with self.stream:
                 self.exec.launch_all()
@@ -861,6 +901,8 @@ class FastDecoder:
             raise ContextOverflowError(
                 f"{n_tokens} decode steps after {p0} cached tokens exceed the context of {self.n_ctx} tokens")
         stop = set(int(t) for t in stop_ids)
+        for c1 in range(min(n_tokens, self.chunk), n_tokens + self.chunk, self.chunk):
+            self._graphs_for(p0 + min(c1, n_tokens) - 1)  # capture before any work is queued
         self._start(first_token, p0, stop)
         out: list[int] = []
         pending: list[tuple[int, int, Any]] = []   # (p_start, p_end, event) copies in flight
@@ -872,11 +914,12 @@ class FastDecoder:
                 while launched < n_tokens and len(pending) <= self.window:
                     c0 = launched
                     c1 = min(n_tokens, c0 + self.chunk)
-                    if c1 - c0 == self.chunk and self.graph_chunk is not None:
-                        self.graph_chunk.launch(self.stream)
+                    g_one, g_chunk = self._graphs_for(p0 + c1 - 1)
+                    if c1 - c0 == self.chunk and g_chunk is not None:
+                        g_chunk.launch(self.stream)
                     else:
                         for _ in range(c1 - c0):
-                            self._launch_step()
+                            self._launch_step(g_one)
                     launched = c1
                     pending.append((p0 + c0, p0 + c1, self._copy_tokens(p0 + c0, p0 + c1)))
                 if not pending:

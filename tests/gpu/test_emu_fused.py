@@ -244,15 +244,18 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws):
 
 # _ls: the kernels that read the state after the PDL wait; _m1: fd_oproj_m1, the version-1 late merge
 @pytest.mark.parametrize("ls", ["", "_ls", "_m1"])
-@pytest.mark.parametrize("ws,merge_max,nh,n_ctx,pos,threads", [
-    (32, 12288, 4, 256, 200, 64),    # 4 splits, 4 threads per 8-value group share them
-    (32, 0, 4, 256, 200, 64),        # the attention's own merge
-    (64, 12288, 4, 256, 200, 128),
-    (32, 12288, 16, 640, 600, 32)])  # 10 splits (two load rounds), more groups than threads
-def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, ls):
+@pytest.mark.parametrize("ws,merge_max,nh,n_ctx,pos,threads,grid_splits", [
+    (32, 12288, 4, 256, 200, 64, None),    # 4 splits, 4 threads per 8-value group share them
+    (32, 0, 4, 256, 200, 64, None),        # the attention's own merge
+    (64, 12288, 4, 256, 200, 128, None),
+    (32, 12288, 16, 640, 600, 32, None),   # 10 splits (two load rounds), more groups than threads
+    (32, 0, 4, 1024, 200, 64, 4),          # a grid of the first 4 of 16 splits (FastDecoder._splits_for)
+    (64, 12288, 4, 1024, 300, 128, 8)])
+def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_splits, ls):
     """fd_attn over several 64-key splits (the last one partial), then fd_oproj: resid += W_o attention.
     merge_max 12288: every o-proj block merges the split partials itself (late merge); 0: fd_attn's
-    last block merges into xa."""
+    last block merges into xa. grid_splits: the attention grid covers only the context's first
+    splits (enough for the position), as the decoder's graphs for a short sequence in a long context."""
     import math
 
     rng = np.random.default_rng(14)
@@ -275,7 +278,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, ls):
     scale = 1 / math.sqrt(hd)
     G = nh // nkv
     hpb = 3 if G > 3 else G  # query heads per block: the 16-head case spreads each group of 8 over 3 blocks
-    mod(ws).launch("fd_attn_f32_hd32" + ls.replace("_m1", ""), (n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
+    mod(ws).launch("fd_attn_f32_hd32" + ls.replace("_m1", ""), (grid_splits or n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
                    cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb)
     assert cnt.sum() == 0
     want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),

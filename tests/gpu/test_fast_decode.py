@@ -469,6 +469,30 @@ def test_fast_greedy_tokens_equal_step_tokens(tmp_path_factory, arch, qtype, gra
             break
 
 
+@pytest.mark.parametrize("arch,qtype", [("llama", "q4_1"), ("qwen2", "q4_k_m")])
+def test_fast_decode_short_attention_grids(tmp_path_factory, arch, qtype):
+    """A short sequence in a long context: each chunk's graph launches only the attention splits its
+    positions need (FastDecoder._splits_for; here from 1 split up, tune att_min_splits 1). Tokens and
+    logits must equal those of the full-grid graph bit for bit (the blocks cut only held keys past
+    the position)."""
+    from rocmforge_lab.backend.fast_decode import FastDecoder
+
+    m = _model(tmp_path_factory, arch, qtype)
+    prompt = list(range(3, 43))
+    runs = []
+    for tune in ({"att_min_splits": 1}, {"att_min_splits": 10**6}):
+        s = m.session(n_ctx=384)
+        s.forward(prompt, last_only=True)
+        fd = FastDecoder(m, s, chunk=8, tune=tune)
+        toks = fd.decode(7, 117)  # positions 40 .. 156, then one step at 157
+        runs.append((toks, fd.step_logits(toks[-1]), sorted(fd._graphs), fd.mode))
+    (t_cut, lg_cut, g_cut, mode), (t_full, lg_full, g_full, _) = runs
+    assert t_cut == t_full
+    assert np.array_equal(lg_cut, lg_full)
+    if mode == "graph":  # eager launches (no graph support) always take the full grid
+        assert g_cut == [1, 2, 4, 6] and g_full == [6], (g_cut, g_full)
+
+
 def test_fast_decode_allocates_nothing_and_waits_per_chunk(tmp_path_factory):
     from rocmforge_lab.backend.fast_decode import FastDecoder
     from rocmforge_lab.backend.memory import AllocationHook

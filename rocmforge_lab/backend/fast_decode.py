@@ -29,7 +29,10 @@ Every kernel reads the position, the input token and a "done" flag from a small 
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
 with no host work but `graph.launch`: a second graph holds `chunk` steps back to back (one replay per
-chunk of tokens; tune "graph_steps" 1: one replay per token). On CUDA devices of compute capability >= 9.0 the
+chunk of tokens; tune "graph_steps" 1: one replay per token). The attention grid of a graph covers
+only the 64-key splits its positions need (16, 32, 64, ... splits up to the context's, a graph pair per
+size captured on first use: `FastDecoder._splits_for`), so a short sequence in a long context (the
+session default is 4,096 tokens) launches no attention blocks past its position. On CUDA devices of compute capability >= 9.0 the
 kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
 programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
 previous kernel finishes, then waits for it (`fd_pdl_wait`); the o-proj, down and (head_dim <= 64)

@@ -5,7 +5,10 @@
 #   testall  pytest -m gpu tests/gpu
 #   bench    benchmarks/gpu_decode.py --profile (this tree)
 #   base     the same benchmark on the copy of the previous version in .baseline/ (git-ignored)
-# MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options.
+#   stream   the 7B shape: v7's kernels vs the stream-engine variants (v8), per-kernel profile of each
+#   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph vs the full grid
+# MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
+# TEST_K / TEST_TIMEOUT the test step's -k filter and time limit (seconds).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -16,10 +19,16 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 for what in "$@"; do
     t0=$(date +%s)
     case $what in
-        test) python3 -m pytest -o addopts="" -q -m gpu tests/gpu/test_fast_decode.py -x 2>&1 | tee "$OUT/test.log" | tail -15 ;;
+        test) timeout "${TEST_TIMEOUT:-600}" python3 -m pytest -o addopts="" -q -m gpu tests/gpu/test_fast_decode.py \
+                  ${TEST_K:+-k "$TEST_K"} 2>&1 | tee "$OUT/test.log" | tail -15 ;;
         testall) python3 -m pytest -o addopts="" -q -m gpu tests/gpu 2>&1 | tee "$OUT/testall.log" | tail -15 ;;
         bench) python3 benchmarks/gpu_decode.py --profile --models "$MODELS" --reps "$REPS" ${BENCH_ARGS:-} \
                    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
+        stream) timeout 240 python3 benchmarks/gpu_decode.py --models qwen7b --reps "$REPS" --profile --tune --profile-tunes \
+                    --tunes stream=1,stream=1+stream_v=1,stream=1+stream_down=0,stream=1+stream_gate_up=0,early_state_attn=1,att_hpb=2 \
+                    --json "$OUT/stream.json" 2>&1 | tee "$OUT/stream.log" | grep -v -e '^{' -e '^kernel (regs' ;;
+        ctx) timeout 150 python3 benchmarks/gpu_decode.py --models smollm2,qwen7b --reps "$REPS" --n-ctx 4096 --tune \
+                 --tunes att_min_splits=1000000 --json "$OUT/ctx.json" 2>&1 | tee "$OUT/ctx.log" | grep -E 'tune|^\| ' ;;
         base) (cd .baseline && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_decode.py --profile --models "$MODELS" \
                    --reps "$REPS" --json "$OUT/base.json") 2>&1 | tee "$OUT/base.log" | grep -v '^{' ;;
     esac

@@ -794,8 +794,9 @@ class FastDecoder:
     def _splits_for(self, pos: int) -> int:
         """The attention grid (64-key splits) for steps at positions <= pos: the smallest of
         ATT_MIN_SPLITS, 2 ATT_MIN_SPLITS, 4 ATT_MIN_SPLITS, ... that covers keys 0..pos, at most the
-        context's (tune "att_min_splits"). A long context with a short sequence so launches few
-        attention blocks past the position (each loads its keys before it can read the position)."""
+        context's (tune "att_min_splits"), so a short sequence in a long context launches few
+        attention blocks past its position (each such block loads its keys before it can read the
+        position, then returns)."""
         n, need = self.plan.n_split, pos // ATT_CHUNK + 1
         b = max(1, int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS)))
         while b < need:

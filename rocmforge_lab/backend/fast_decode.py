@@ -29,10 +29,11 @@ Every kernel reads the position, the input token and a "done" flag from a small 
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
 with no host work but `graph.launch`: a second graph holds `chunk` steps back to back (one replay per
-chunk of tokens; tune "graph_steps" 1: one replay per token). The attention grid of a graph covers
-only the 64-key splits its positions need (16, 32, 64, ... splits up to the context's, a graph pair per
-size captured on first use: `FastDecoder._splits_for`), so a short sequence in a long context (the
-session default is 4,096 tokens) launches no attention blocks past its position. On CUDA devices of compute capability >= 9.0 the
+chunk of tokens; tune "graph_steps" 1: one replay per token). With tune "att_min_splits" m > 0 the
+attention grid of a graph covers only the 64-key splits its positions need (m, 2m, 4m, ... splits up
+to the context's, a graph pair per size captured on first use: `FastDecoder._splits_for`), so a short
+sequence in a long context (the session default is 4,096 tokens) launches no attention blocks past
+its position (opt-in until measured on a GPU: `ATT_MIN_SPLITS`). On CUDA devices of compute capability >= 9.0 the
 kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
 programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
 previous kernel finishes, then waits for it (`fd_pdl_wait`); the o-proj, down and (head_dim <= 64)
@@ -79,7 +80,8 @@ XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
 STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage x (gate/up, output)
 STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 STREAM_DEFAULT = 0    # the stream kernels are opt-in (tune "stream" 1) until measured on a GPU
-ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph; see FastDecoder._splits_for
+ATT_MIN_SPLITS = 0    # smallest attention grid (64-key splits) of a graph, 0: always the context's
+                      # (FastDecoder._splits_for; 16 once measured on a GPU, see benchmarks/RESULTS.md v8)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -792,13 +794,15 @@ class FastDecoder:
         return g
 
     def _splits_for(self, pos: int) -> int:
-        """The attention grid (64-key splits) for steps at positions <= pos: the smallest of
-        ATT_MIN_SPLITS, 2 ATT_MIN_SPLITS, 4 ATT_MIN_SPLITS, ... that covers keys 0..pos, at most the
-        context's (tune "att_min_splits"), so a short sequence in a long context launches few
+        """The attention grid (64-key splits) for steps at positions <= pos: the smallest of m, 2m,
+        4m, ... that covers keys 0..pos, at most the context's (m: tune "att_min_splits", default
+        ATT_MIN_SPLITS; 0: always the context's), so a short sequence in a long context launches few
         attention blocks past its position (each such block loads its keys before it can read the
         position, then returns)."""
         n, need = self.plan.n_split, pos // ATT_CHUNK + 1
-        b = max(1, int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS)))
+        b = int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS))
+        if b <= 0:
+            return n
         while b < need:
             b *= 2
         return min(b, n)

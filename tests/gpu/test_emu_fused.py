@@ -296,6 +296,24 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
     assert np.all(np.abs(y - ref) <= tol), float(np.abs(y - ref).max())
 
 
+@pytest.mark.parametrize("m,n_split,want", [
+    (16, 64, {0: 16, 1023: 16, 1024: 32, 2047: 32, 2048: 64, 4095: 64}),
+    (1, 6, {0: 1, 63: 1, 64: 2, 127: 2, 128: 4, 255: 4, 256: 6, 383: 6}),
+    (16, 11, {0: 11, 700: 11}),    # a context of fewer splits: always its own
+    (0, 64, {0: 64, 4095: 64})])   # 0: off, the context's grid
+def test_attention_grid_for_positions(m, n_split, want):
+    """FastDecoder._splits_for: the graph's attention grid for steps at positions <= pos covers
+    keys 0..pos (the grid the emulator test above runs cut), doubling from m, at most the context's."""
+    from types import SimpleNamespace
+
+    from rocmforge_lab.backend.fast_decode import ATT_CHUNK, FastDecoder
+
+    fd = SimpleNamespace(plan=SimpleNamespace(n_split=n_split, tune={"att_min_splits": m}))
+    got = {pos: FastDecoder._splits_for(fd, pos) for pos in want}
+    assert got == want
+    assert all(ATT_CHUNK * g > pos for pos, g in got.items())
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole decode step (DecodePlan) on the emulator vs the NumPy engine
 

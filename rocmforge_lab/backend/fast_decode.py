@@ -909,26 +909,25 @@ class FastDecoder:
             raise ContextOverflowError(
                 f"{n_tokens} decode steps after {p0} cached tokens exceed the context of {self.n_ctx} tokens")
         stop = set(int(t) for t in stop_ids)
-        for c1 in range(min(n_tokens, self.chunk), n_tokens + self.chunk, self.chunk):
-            self._graphs_for(p0 + min(c1, n_tokens) - 1)  # capture before any work is queued
+        # the chunks' step ranges and graphs (any capture happens here, before work is queued)
+        chunks = [(c0, min(n_tokens, c0 + self.chunk)) for c0 in range(0, n_tokens, self.chunk)]
+        graphs = [self._graphs_for(p0 + c1 - 1) for _, c1 in chunks]
         self._start(first_token, p0, stop)
         out: list[int] = []
         pending: list[tuple[int, int, Any]] = []   # (p_start, p_end, event) copies in flight
-        launched = 0
+        launched = 0  # chunks launched
         clean = False
         try:
             while True:
                 # keep up to `window` chunks queued beyond the one being read
-                while launched < n_tokens and len(pending) <= self.window:
-                    c0 = launched
-                    c1 = min(n_tokens, c0 + self.chunk)
-                    g_one, g_chunk = self._graphs_for(p0 + c1 - 1)
+                while launched < len(chunks) and len(pending) <= self.window:
+                    (c0, c1), (g_one, g_chunk) = chunks[launched], graphs[launched]
                     if c1 - c0 == self.chunk and g_chunk is not None:
                         g_chunk.launch(self.stream)
                     else:
                         for _ in range(c1 - c0):
                             self._launch_step(g_one)
-                    launched = c1
+                    launched += 1
                     pending.append((p0 + c0, p0 + c1, self._copy_tokens(p0 + c0, p0 + c1)))
                 if not pending:
                     break

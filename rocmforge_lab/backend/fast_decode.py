@@ -24,7 +24,11 @@ Matvecs stream their weights from the GGUF block layout with dp4a on the staged 
 rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the 7B's down rows).
 All-Q4_K gate/up and Q4_K / Q6_K output layers take the "wide" kernels (64-value units, all loads of
 a unit before its math: `DecodePlan._wide_name`, tune "wide" / "wide_<kind>"), and the gate/up
-prologue prefetches only each lane group's first row pair into L2 (`DecodePlan.pf_flags`).
+prologue prefetches only each lane group's first row pair into L2 (`DecodePlan.pf_flags`). An
+all-Q4_K gate/up whose d_model is a multiple of 256 (the 7B shape) takes the stream kernel instead
+(`fd_gate_up_s_q4k`: each warp's row pairs copied through a ring of shared-memory stages with
+asynchronous copies, the first stages issued before the programmatic-launch wait; the down / output
+stream kernels are opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`).
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
@@ -33,7 +37,7 @@ chunk of tokens; tune "graph_steps" 1: one replay per token). With tune "att_min
 attention grid of a graph covers only the 64-key splits its positions need (m, 2m, 4m, ... splits up
 to the context's, a graph pair per size captured on first use: `FastDecoder._splits_for`), so a short
 sequence in a long context (the session default is 4,096 tokens) launches no attention blocks past
-its position (opt-in until measured on a GPU: `ATT_MIN_SPLITS`). On CUDA devices of compute capability >= 9.0 the
+its position (default m: `ATT_MIN_SPLITS`, 16). On CUDA devices of compute capability >= 9.0 the
 kernels are captured with programmatic dependent launch (`_PdlLauncher`: `cuLaunchKernelEx` with
 programmatic stream serialization): each kernel prefetches its first weight rows into L2 while the
 previous kernel finishes, then waits for it (`fd_pdl_wait`); the o-proj, down and (head_dim <= 64)
@@ -79,9 +83,13 @@ ATT_QMAX = 4096
 XS_MAX = 8192         # kernels/fused_decode.hip FD_XS_MAX: largest d_model
 STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage x (gate/up, output)
 STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
-STREAM_DEFAULT = 0    # the stream kernels are opt-in (tune "stream" 1) until measured on a GPU
-ATT_MIN_SPLITS = 0    # smallest attention grid (64-key splits) of a graph, 0: always the context's
-                      # (FastDecoder._splits_for; 16 once measured on a GPU, see benchmarks/RESULTS.md v8)
+# stream kernels by default per kind (tune "stream" / "stream_<kind>" override). H100, graph+PDL, 7B
+# shape (benchmarks/RESULTS.md v8): gate/up 278 -> 290 tok/s; output no change in the graph (277);
+# down slower (stream 1: 239, stream 1 without down: 288).
+STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 0}
+ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
+                      # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
+                      # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -355,11 +363,15 @@ class DecodePlan:
 
     @property
     def att_hpb(self) -> int:
-        """Query heads per attention block: a GQA group of more than 4 heads is spread over
-        ceil(G / 4) blocks per split (tune "att_hpb")."""
+        """Query heads per attention block (tune "att_hpb"): at head_dim <= 64 at most 2 (H100,
+        graph+PDL: +2.6% tok/s for the SmolLM2 and Qwen2.5-0.5B shapes, GQA groups of 3 and 7, see
+        benchmarks/RESULTS.md v8); else a GQA group of more than 4 heads is spread evenly over
+        ceil(G / 4) blocks per split (the 7B shape: 2 heads per block measured no faster)."""
         G = self.cfg.n_head // self.cfg.n_head_kv
         if "att_hpb" in self.tune:
             return max(1, min(G, int(self.tune["att_hpb"])))
+        if self.cfg.head_dim <= 64:
+            return min(G, 2)
         return -(-G // -(-G // 4))
 
     @property
@@ -476,7 +488,7 @@ class DecodePlan:
         shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). tune "stream"
         (0: off), "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
         1 KiB per row instead of 2 / 3 of 2 KiB)."""
-        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULT)))
+        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULTS.get(kind, 0))))
         t = self._k_type(kind, ws)
         if on <= 0 or not t:
             return ""

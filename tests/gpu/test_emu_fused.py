@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as R  # noqa: E402
-from rocmforge_lab.backend.fast_decode import QTYPE_ID, STREAM_DEFAULT  # noqa: E402
+from rocmforge_lab.backend.fast_decode import QTYPE_ID, STREAM_DEFAULTS  # noqa: E402
 from emu import emu as E  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not E.available(), reason="g++ not found: the CPU kernel emulator needs it")
@@ -407,7 +407,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     dec = EmuDecoder(cfg, refs, arena, kv, n_ctx, tune=tune)
     assert len(dec.plan.launches) == 5 * cfg.n_layer + 1
     n_stream = sum("_s_q" in l.kernel for l in dec.plan.launches)
-    want_stream = qtype == "q4_k_m" and tune.get("stream", STREAM_DEFAULT) != 0
+    want_stream = qtype == "q4_k_m" and any(tune.get(f"stream_{k}", tune.get("stream", on)) != 0
+                                            for k, on in STREAM_DEFAULTS.items())
     assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))

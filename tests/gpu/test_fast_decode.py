@@ -173,7 +173,7 @@ def test_fused_gate_up_stream_vs_numpy(backend):
     rng = np.random.default_rng(8)
     for d, ff in ((1024, 320), (3584, 96), (4096, 64)):
         for v in ("", "_v1"):  # _v1: 3 stages of 1 KiB per row
-            _check_gate_up(backend, rng, d, ff, "fd_gate_up_s_q4k" + v, 128)
+            _check_gate_up(backend, rng, d, ff, "Q4_K", "Q4_K", "fd_gate_up_s_q4k" + v, 128)
 
 
 def _stream_matvec(qtype, rows, cols, rpb, seed, v=""):

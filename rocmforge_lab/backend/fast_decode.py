@@ -485,8 +485,9 @@ class DecodePlan:
         fd_matvec_s_q4k / _q6k, fd_output_s_q4k / _q6k) where its matrices are all Q4_K or all Q6_K
         (Q4_K rows 16-byte aligned) with whole 256-value blocks per row, and (gate/up, output) d_model
         <= STREAM_XS_MAX; else "". The stream kernels copy each warp's rows through a ring of
-        shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). tune "stream"
-        (0: off), "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
+        shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). On by default for
+        the kinds of STREAM_DEFAULTS (gate/up); tune "stream" (0: off, 1: on) for all kinds,
+        "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
         1 KiB per row instead of 2 / 3 of 2 KiB)."""
         on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULTS.get(kind, 0))))
         t = self._k_type(kind, ws)

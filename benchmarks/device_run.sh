@@ -5,9 +5,10 @@
 #   testall  pytest -m gpu tests/gpu
 #   bench    benchmarks/gpu_decode.py --profile (this tree)
 #   base     the same benchmark on the copy of the previous version in .baseline/ (git-ignored)
-#   stream   the 7B shape (STREAM_MODELS): v7's kernels vs the stream-engine variants (v8), per-kernel
-#            profile of each
-#   ctx      SmolLM2 / 7B shapes in a 4,096-token context: the full attention grid vs grids per graph
+#   stream   the 7B shape (STREAM_MODELS): the default kernels (stream gate/up only) vs the other
+#            stream-engine variants, per-kernel profile of each
+#   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph (default) vs the
+#            full grid (att_min_splits 0)
 # MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
 # TEST_K / TEST_TIMEOUT the test step's -k filter and time limit (seconds); STREAM_TIMEOUT the stream step's.
 set -u
@@ -26,10 +27,10 @@ for what in "$@"; do
         bench) python3 benchmarks/gpu_decode.py --profile --models "$MODELS" --reps "$REPS" ${BENCH_ARGS:-} \
                    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' ;;
         stream) timeout "${STREAM_TIMEOUT:-240}" python3 benchmarks/gpu_decode.py --models "${STREAM_MODELS:-qwen7b}" --reps "$REPS" --profile --tune --profile-tunes \
-                    --tunes stream=1,stream=1+stream_v=1,stream=1+stream_down=0,stream=1+stream_gate_up=0,early_state_attn=1,att_hpb=2 \
+                    --tunes stream=0,stream=1,stream=1+stream_v=1,stream_output=1,early_state_attn=1,att_hpb=2 \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/stream.log" | grep -v -e '^{' -e '^kernel (regs' ;;
         ctx) timeout 150 python3 benchmarks/gpu_decode.py --models smollm2,qwen7b --reps "$REPS" --n-ctx 4096 --tune \
-                 --tunes att_min_splits=16 --json "$OUT/ctx.json" 2>&1 | tee "$OUT/ctx.log" | grep -E 'tune|^\| ' ;;
+                 --tunes att_min_splits=0 --json "$OUT/ctx.json" 2>&1 | tee "$OUT/ctx.log" | grep -E 'tune|^\| ' ;;
         base) (cd .baseline && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_decode.py --profile --models "$MODELS" \
                    --reps "$REPS" --json "$OUT/base.json") 2>&1 | tee "$OUT/base.log" | grep -v '^{' ;;
     esac

@@ -56,8 +56,9 @@
 // bits 8.. of fd_gate_up's lpr argument: its prologue prefetches only each group's first row pair.
 // The stream engine (fd_st_run; kernels fd_gate_up_s_q4k, fd_matvec_s_q4k / _q6k, fd_output_s_q4k /
 // _q6k, and _v1 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
-// with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers; opt-in from the
-// decode plan (tune "stream"; not yet measured on a GPU, see benchmarks/RESULTS.md v8).
+// with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers. H100, 7B shape
+// (benchmarks/RESULTS.md v8): the gate/up kernel is faster (the decode plan's default where
+// asynchronous copies exist), the down kernel slower and the output kernel no faster in the graph.
 // References: tests/gpu/test_fast_decode.py (GPU) and tests/gpu/test_emu_fused.py (CPU emulator).
 #include "compat.h"
 #include "quant_blocks.h"

@@ -169,6 +169,7 @@ class DecodePlan:
     n_sm: int
     warp_size: int = 32
     tune: dict = field(default_factory=dict)   # threads, small_threads, blocks_per_sm, lpr_max
+    async_copy: bool = True  # the device has cp.async (CUDA sm_80+): the stream kernels' default is on
     buffers: dict[str, tuple[Any, int]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)        # one decode step (the graph)
     start_launches: list[Launch] = field(default_factory=list)  # once per decode call, before the steps
@@ -486,10 +487,13 @@ class DecodePlan:
         (Q4_K rows 16-byte aligned) with whole 256-value blocks per row, and (gate/up, output) d_model
         <= STREAM_XS_MAX; else "". The stream kernels copy each warp's rows through a ring of
         shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). On by default for
-        the kinds of STREAM_DEFAULTS (gate/up); tune "stream" (0: off, 1: on) for all kinds,
+        the kinds of STREAM_DEFAULTS (gate/up) where the device has the asynchronous copies
+        (`async_copy`: CUDA sm_80+; on HIP the ring falls back to plain copies, unmeasured); tune
+        "stream" (0: off, 1: on) for all kinds,
         "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
         1 KiB per row instead of 2 / 3 of 2 KiB)."""
-        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", STREAM_DEFAULTS.get(kind, 0))))
+        default = STREAM_DEFAULTS.get(kind, 0) if self.async_copy else 0
+        on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", default)))
         t = self._k_type(kind, ws)
         if on <= 0 or not t:
             return ""
@@ -694,7 +698,8 @@ class FastDecoder:
             raise FastPathUnsupported("KV cache is not contiguous")
         self.n_ctx = int(kc.shape[2])
         n_sm = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-        self.plan = DecodePlan(cfg, refs, kv, self.n_ctx, n_sm, be.warp_size, dict(tune or {}))
+        self.plan = DecodePlan(cfg, refs, kv, self.n_ctx, n_sm, be.warp_size, dict(tune or {}),
+                               async_copy=self._has_async_copy())
         self._cache_ptrs = (kc.data.ptr, vc.data.ptr)
         self.timeout = float(timeout if timeout is not None else be.timeout)
         self.chunk = max(1, int(chunk))
@@ -738,6 +743,17 @@ class FastDecoder:
             self.exec.launch_start()
             self.exec.launch_all()
         self._sync("fast decode warm-up")
+
+    def _has_async_copy(self) -> bool:
+        """cp.async (CUDA compute capability >= 8.0), which the stream kernels' ring relies on."""
+        import cupy
+
+        if getattr(self.backend, "is_hip", False):
+            return False
+        try:
+            return int(cupy.cuda.Device().compute_capability) >= 80
+        except Exception:
+            return False
 
     def _pdl_wanted(self) -> bool:
         import cupy

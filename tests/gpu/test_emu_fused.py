@@ -314,6 +314,30 @@ def test_attention_grid_for_positions(m, n_split, want):
     assert all(ATT_CHUNK * g > pos for pos, g in got.items())
 
 
+def test_stream_gate_up_default_needs_async_copies(tmp_path):
+    """DecodePlan's default gate/up kernel for an all-Q4_K model with d_model % 256 == 0: the stream
+    kernel (STREAM_DEFAULTS) where the device has asynchronous copies (async_copy: CUDA sm_80+), the
+    wide kernel elsewhere (HIP); tune "stream_gate_up" overrides either way. Down / output stay off."""
+    from rocmforge_lab import synth
+    from rocmforge_lab.backend.fast_decode import DecodePlan
+
+    path = synth.make_gguf(tmp_path / "q.gguf", arch="qwen2", shape="tiny", qtype="q4_k_m", seed=3)
+    m, refs, _ = _weights_from_gguf(path)
+    assert m.config.d_model % 256 == 0
+
+    def kernels(async_copy, **tune):
+        plan = DecodePlan(m.config, refs, "f16", 16, n_sm=2, warp_size=32, tune=tune, async_copy=async_copy)
+        return {k: {l.kernel for l in plan.launches if l.kind == k} for k in ("gate_up", "down", "output")}
+
+    on, off = kernels(True), kernels(False)
+    assert on["gate_up"] == {"fd_gate_up_s_q4k"}, on
+    assert off["gate_up"] == {"fd_gate_up_w1_q4k"}, off
+    assert on["down"] == off["down"] and on["output"] == off["output"]
+    assert not any("_s_q" in k for k in on["down"] | on["output"])
+    assert kernels(True, stream_gate_up=0)["gate_up"] == off["gate_up"]
+    assert kernels(False, stream_gate_up=1)["gate_up"] == on["gate_up"]
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole decode step (DecodePlan) on the emulator vs the NumPy engine
 

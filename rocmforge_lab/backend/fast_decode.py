@@ -744,26 +744,23 @@ class FastDecoder:
             self.exec.launch_all()
         self._sync("fast decode warm-up")
 
-    def _has_async_copy(self) -> bool:
-        """cp.async (CUDA compute capability >= 8.0), which the stream kernels' ring relies on."""
-        import cupy
-
+    def _cuda_cc(self) -> int:
+        """The CUDA device's compute capability as an integer (90: sm_90); 0 on HIP or if unknown."""
         if getattr(self.backend, "is_hip", False):
-            return False
+            return 0
         try:
-            return int(cupy.cuda.Device().compute_capability) >= 80
+            import cupy
+
+            return int(cupy.cuda.Device().compute_capability)
         except Exception:
-            return False
+            return 0
+
+    def _has_async_copy(self) -> bool:
+        """cp.async (CUDA sm_80+), which the stream kernels' ring relies on."""
+        return self._cuda_cc() >= 80
 
     def _pdl_wanted(self) -> bool:
-        import cupy
-
-        if not self.plan.tune.get("pdl", True) or getattr(self.backend, "is_hip", False):
-            return False
-        try:
-            return int(cupy.cuda.Device().compute_capability) >= 90
-        except Exception:
-            return False
+        return bool(self.plan.tune.get("pdl", True)) and self._cuda_cc() >= 90
 
     def _capture(self) -> None:
         """Capture the full-grid graphs (mode "graph"), with programmatic launches where wanted;

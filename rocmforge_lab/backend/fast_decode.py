@@ -489,9 +489,8 @@ class DecodePlan:
         shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). On by default for
         the kinds of STREAM_DEFAULTS (gate/up) where the device has the asynchronous copies
         (`async_copy`: CUDA sm_80+; on HIP the ring falls back to plain copies, unmeasured); tune
-        "stream" (0: off, 1: on) for all kinds,
-        "stream_<kind>" per kind; "stream_v" 1: the "_v1" kernels (ring of 3 / 4 stages of
-        1 KiB per row instead of 2 / 3 of 2 KiB)."""
+        "stream" (0: off, 1: on) for all kinds, "stream_<kind>" per kind; "stream_v" 1: the "_v1"
+        kernels (ring of 3 / 4 stages of 1 KiB per row instead of 2 / 3 of 2 KiB)."""
         default = STREAM_DEFAULTS.get(kind, 0) if self.async_copy else 0
         on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", default)))
         t = self._k_type(kind, ws)

@@ -7,6 +7,9 @@
 #   base     the same benchmark on the copy of the previous version in .baseline/ (git-ignored)
 #   stream   the 7B shape (STREAM_MODELS): the default kernels (stream gate/up only) vs the other
 #            stream-engine variants, per-kernel profile of each
+#   tune     benchmarks/gpu_decode.py --tune over TUNES (launch / build variants beside the defaults)
+#   ncu      Nsight Compute on one eager step: the 5 kernels of layer 3 per model (NCU_SPECS
+#            "key:n_layer ..."), sections SpeedOfLight / Occupancy / LaunchStats / WarpStateStats
 #   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph (default) vs the
 #            full grid (att_min_splits 0)
 # MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
@@ -29,6 +32,18 @@ for what in "$@"; do
         stream) timeout "${STREAM_TIMEOUT:-240}" python3 benchmarks/gpu_decode.py --models "${STREAM_MODELS:-qwen7b}" --reps "$REPS" --profile --tune --profile-tunes \
                     --tunes stream=0,stream=1,stream=1+stream_v=1,stream_output=1,early_state_attn=1,att_hpb=2 \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/stream.log" | grep -v -e '^{' -e '^kernel (regs' ;;
+        tune) timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/gpu_decode.py --models "$MODELS" --reps "$REPS" --tune \
+                  --tunes "${TUNES:-rows_unroll=4,pf_l1=1,rows_unroll=4+pf_l1=1}" --json "$OUT/tune.json" 2>&1 \
+                  | tee "$OUT/tune.log" | grep -E 'tune|^\| ' ;;
+        ncu) for spec in ${NCU_SPECS:-qwen7b:28 qwen0.5b:24}; do
+                 key=${spec%%:*}; nl=${spec##*:}
+                 timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --cache-control none \
+                     -k regex:'fd_(qkv|attn|oproj|matvec|gate_up)' --launch-skip $((5 * nl + 15)) --launch-count 5 \
+                     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                     python3 benchmarks/ncu_step.py "$key" > "$OUT/ncu_$key.txt" 2>&1
+                 grep -E '^  fd_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Warp Cycles Per Issued' \
+                     "$OUT/ncu_$key.txt" | head -120
+             done ;;
         ctx) timeout 150 python3 benchmarks/gpu_decode.py --models smollm2,qwen7b --reps "$REPS" --n-ctx 4096 --tune \
                  --tunes att_min_splits=0 --json "$OUT/ctx.json" 2>&1 | tee "$OUT/ctx.log" | grep -E 'tune|^\| ' ;;
         base) (cd .baseline && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_decode.py --profile --models "$MODELS" \

@@ -525,9 +525,9 @@ def decode_step_op_times(model, session, token_id: int, record_kernels: bool = F
     current = {"kind": None}
     real_get = K.get_function
 
-    def recording_get(module, kernel):
+    def recording_get(module, kernel, *options):
         res.kernels.setdefault(current["kind"], set()).add(kernel)
-        return real_get(module, kernel)
+        return real_get(module, kernel, *options)
 
     if gpu:
         import cupy

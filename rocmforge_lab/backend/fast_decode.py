@@ -90,6 +90,8 @@ STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 0}
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
+PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
+ROWS_UNROLL_DEFAULT = 2  # tune "rows_unroll"
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -363,6 +365,22 @@ class DecodePlan:
             "embed", "embed", 0)]
 
     @property
+    def compile_options(self) -> tuple[str, ...]:
+        """Extra compiler options of the kernel module (a build variant per set; tune "pf_l1" 1:
+        the weight prefetches before the programmatic-launch wait go to L1 instead of L2 only,
+        FD_PF_L1; tune "rows_unroll" N: the 32-value engine's unit loop unrolled N times instead of
+        2, FD_ROWS_UNROLL: more weight loads in flight per lane)."""
+        opts = []
+        if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
+            opts.append("-DFD_PF_L1=1")
+        unroll = int(self.tune.get("rows_unroll", ROWS_UNROLL_DEFAULT))
+        if unroll != 2:
+            if unroll not in (1, 2, 4, 8):
+                raise ValueError(f"tune rows_unroll {unroll} (1, 2, 4 or 8)")
+            opts.append(f"-DFD_ROWS_UNROLL={unroll}")
+        return tuple(opts)
+
+    @property
     def att_hpb(self) -> int:
         """Query heads per attention block (tune "att_hpb"): at head_dim <= 64 at most 2 (H100,
         graph+PDL: +2.6% tok/s for the SmolLM2 and Qwen2.5-0.5B shapes, GQA groups of 3 and 7, see
@@ -579,7 +597,8 @@ class _CupyExec:
     def _call(self, l: Launch):
         from . import kernels as K
 
-        fn = K.get_function(KERNEL_FILE, l.kernel)
+        opts = self.plan.compile_options
+        fn = K.get_function(KERNEL_FILE, l.kernel, opts) if opts else K.get_function(KERNEL_FILE, l.kernel)
         return fn, l.grid, l.block, tuple(self._arg(a) for a in l.args)
 
     def _arg(self, a):

@@ -162,14 +162,16 @@ def _first_kernel_name(src: str) -> str:
     return m.group(1) if m else "__none__"
 
 
-def get_function(module: str, kernel: str):
-    """A `cupy.RawKernel` from kernels/<module>.hip (cached per device: ops call this per launch)."""
+def get_function(module: str, kernel: str, extra_options: tuple[str, ...] = ()):
+    """A `cupy.RawKernel` from kernels/<module>.hip (cached per device: ops call this per launch);
+    `extra_options` (e.g. ``("-DFD_PF_L1=1",)``) selects a build of the module with those options."""
     import cupy
 
-    key = (cupy.cuda.runtime.getDevice(), module, kernel)
+    extra_options = tuple(extra_options)
+    key = (cupy.cuda.runtime.getDevice(), module, kernel, extra_options)
     fn = _functions.get(key)
     if fn is None:
-        mod = get_module(module)
+        mod = get_module(module, extra_options)
         try:
             fn = mod.get_function(kernel)
         except Exception as exc:

@@ -105,6 +105,34 @@ def test_emu_fused_matvec(qtype):
     _check_emu_matvec(qtype, 13, 512, 11, cases)  # odd rows: the last pair task has one row
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_1", "Q5_0", "Q8_0"])
+def test_emu_fused_matvec_rows_unroll(qtype):
+    """The 32-value engine built with FD_ROWS_UNROLL 4 (tune "rows_unroll"): rounds of 4 units per
+    lane, the units past a row's end clamped and dropped. Against float64 NumPy, and equal bit for
+    bit to the default build (same units, same order of the sums). 40 units per row: with 8 / 16 /
+    32 lanes (x split-K) a lane's last round is partly past the end."""
+    rng = np.random.default_rng(21)
+    rows, cols = 7, 1280
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    arena, (w_off,) = R.pack_arena(raw)
+    rb = R.row_bytes(qtype, cols)
+    x = rng.standard_normal(cols).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    m4 = E.EmuModule("fused_decode", 32, defines={"FD_ROWS_UNROLL": 4})
+    X = _quantize(mod(32), x)
+    for lpr, ks, pair in ((8, 1, 1), (16, 2, 0), (32, 1, 1), (8, 4, 1)):
+        ys = []
+        for m in (mod(32), m4):
+            y = np.full(rows, np.nan, np.float32)
+            m.launch("fd_matvec", (2,), (max(64, lpr * ks),), arena, None, QTYPE_ID[qtype], w_off, rb, rows, cols, *X,
+                     -1, y, 0, None, -1, 0.0, None, None, None, None, pair, lpr, ks)
+            ys.append(y)
+        err = np.abs(ys[1] - ref @ x)
+        assert np.all(err <= tol), (qtype, lpr, ks, float(err.max()))
+        assert np.array_equal(ys[0], ys[1]), (qtype, lpr, ks, ys[0] - ys[1])
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_emu_fused_matvec_wide(qtype):
     """The wide engine (fd_matvec_w1_<type>); 3 Q6_K blocks per row: every other row starts 2 bytes

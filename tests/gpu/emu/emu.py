@@ -51,12 +51,13 @@ def _ctype(decl: str):
 
 
 class EmuModule:
-    def __init__(self, name: str, warp_size: int = 32):
+    def __init__(self, name: str, warp_size: int = 32, defines: dict | None = None):
         self.name = name
         self.warp_size = warp_size
         src = K.load_source(name)
         header = (HERE / "emu.h").read_text()
-        full = f"#define WARP_SIZE {warp_size}\n{header}\n{src}\n"
+        extra = "".join(f"#define {k} {v}\n" for k, v in (defines or {}).items())  # as -Dk=v would
+        full = f"#define WARP_SIZE {warp_size}\n{extra}{header}\n{src}\n"
         _BUILD.mkdir(parents=True, exist_ok=True)
         tag = hashlib.sha256(full.encode()).hexdigest()[:16]
         base = _BUILD / f"{name}_{warp_size}_{tag}"

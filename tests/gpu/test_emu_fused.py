@@ -412,7 +412,9 @@ class EmuDecoder:
         from rocmforge_lab.backend.fast_decode import MAX_STOP, Buf, DecodePlan
 
         self.plan = DecodePlan(cfg, refs, kv, n_ctx, n_sm=2, warp_size=ws, tune=dict(tune or {}))
-        self.mod = mod(ws)
+        opts = self.plan.compile_options  # a build variant: its -DNAME=VALUE options as defines
+        self.mod = (E.EmuModule("fused_decode", ws, defines=dict(o[2:].split("=", 1) for o in opts)) if opts
+                    else mod(ws))
         self.bufs = {name: np.zeros(n, dt) for name, (dt, n) in self.plan.buffers.items()}
         for name, host in self.plan.init.items():
             self.bufs[name][:] = host
@@ -443,7 +445,8 @@ class EmuDecoder:
 
 PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide engine
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
-              ("llama", "q4_1", "f16", {"early_state": False})]  # the "_ls" kernels (state read after the wait)
+              ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
+              ("qwen2", "q4_k_m", "f16", {"rows_unroll": 4, "pf_l1": 1})]  # a build variant (compile_options)
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 

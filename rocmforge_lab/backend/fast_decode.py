@@ -374,7 +374,7 @@ class DecodePlan:
         if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
             opts.append("-DFD_PF_L1=1")
         unroll = int(self.tune.get("rows_unroll", ROWS_UNROLL_DEFAULT))
-        if unroll != 2:
+        if unroll != ROWS_UNROLL_DEFAULT:  # = FD_ROWS_UNROLL's default in the source (a CPU test checks)
             if unroll not in (1, 2, 4, 8):
                 raise ValueError(f"tune rows_unroll {unroll} (1, 2, 4 or 8)")
             opts.append(f"-DFD_ROWS_UNROLL={unroll}")

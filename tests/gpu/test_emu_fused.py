@@ -133,6 +133,19 @@ def test_emu_fused_matvec_rows_unroll(qtype):
         assert np.array_equal(ys[0], ys[1]), (qtype, lpr, ks, ys[0] - ys[1])
 
 
+def test_build_variant_defaults_match_the_source():
+    """DecodePlan.compile_options adds -D options only where a tune departs from the source's own
+    defaults: those must be the Python constants."""
+    import re
+
+    from rocmforge_lab.backend import fast_decode as F
+    from rocmforge_lab.backend import kernels as K
+
+    src = (K.kernels_dir() / "fused_decode.hip").read_text()
+    assert int(re.search(r"#define FD_ROWS_UNROLL (\d+)", src).group(1)) == F.ROWS_UNROLL_DEFAULT
+    assert F.PF_L1_DEFAULT == 0 and "#if defined(RF_CUDA) && defined(FD_PF_L1) && FD_PF_L1" in src
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_emu_fused_matvec_wide(qtype):
     """The wide engine (fd_matvec_w1_<type>); 3 Q6_K blocks per row: every other row starts 2 bytes

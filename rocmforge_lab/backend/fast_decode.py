@@ -320,6 +320,10 @@ class DecodePlan:
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
             lpr = self._lpr(d, boost=False)
+            if "gate_up_lpr" in self.tune:  # lanes per row pair (8, 16 or 32)
+                lpr = min(int(self.tune["gate_up_lpr"]), self.warp_size, 32)
+                if lpr not in (8, 16, 32):
+                    raise ValueError(f"tune gate_up_lpr {lpr} (8, 16 or 32)")
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (

@@ -33,7 +33,7 @@ for what in "$@"; do
                     --tunes stream=0,stream=1,stream=1+stream_v=1,stream_output=1,early_state_attn=1,att_hpb=2 \
                     --json "$OUT/stream.json" 2>&1 | tee "$OUT/stream.log" | grep -v -e '^{' -e '^kernel (regs' ;;
         tune) timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/gpu_decode.py --models "$MODELS" --reps "$REPS" --tune \
-                  --tunes "${TUNES:-rows_unroll=4,pf_l1=1,rows_unroll=4+pf_l1=1}" --json "$OUT/tune.json" 2>&1 \
+                  --tunes "${TUNES:-pf_l1=1,gate_up_lpr=16,ks_units=2}" --json "$OUT/tune.json" 2>&1 \
                   | tee "$OUT/tune.log" | grep -E 'tune|^\| ' ;;
         ncu) for spec in ${NCU_SPECS:-qwen7b:28 qwen0.5b:24}; do
                  key=${spec%%:*}; nl=${spec##*:}

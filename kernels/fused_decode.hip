@@ -72,9 +72,6 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #define FD_NOINLINE __noinline__
 #endif
 
-#ifndef FD_ROWS_UNROLL
-#define FD_ROWS_UNROLL 2    // unrolling of fd_rows' unit loop (the 32-value engine; tune "rows_unroll")
-#endif
 #define FD_ATT_KEYS 64      // keys per attention block
 #define FD_ATT_MAXG 32      // query heads per KV head
 #define FD_ATT_QMAX 4096    // G * head_dim
@@ -804,19 +801,15 @@ RF_DEV void fd_ldw(const int* p, int* out) {
 }
 
 // Partial dots of rows A (and B when TWO) with the staged x over units gl, gl + lpr, ...
-// FD_ROWS_UNROLL N > 2 (tune "rows_unroll"): rounds of N units per lane whose loads are all issued
-// before any math (a unit past the row's end is clamped to its last unit and its dot dropped by a
-// select, so no load sits behind a branch and no remainder loop runs them one at a time); the
-// units are added in the same order, so the sums equal the default loop's bit for bit.
 template <class D, bool TWO>
 RF_DEV void fd_rows(const rf_u8* __restrict__ ra, const rf_u8* __restrict__ rb, const FdX& X, int cols, int gl,
                     int lpr, float& acc_a, float& acc_b) {
     const int n_units = cols / 32;  // every type: 32 values per unit
     constexpr int NWR = D::RL / 4;  // x words per run
     // the float decoders of the other types hold 32 values: no unrolling (register pressure)
-#define FD_ROWS_DOT(it, da, db)                                                                   \
+#define FD_ROWS_BODY                                                                              \
     {                                                                                             \
-        const int blk = (it) / D::UPB, u = (it) - blk * D::UPB;                                   \
+        const int blk = it / D::UPB, u = it - blk * D::UPB;                                       \
         const int xo = blk * D::QK;                                                               \
         int h[D::NR * NWR], l[D::NR * NWR];                                                       \
         float s[D::NR], sum[D::NR];                                                               \
@@ -838,47 +831,17 @@ RF_DEV void fd_rows(const rf_u8* __restrict__ ra, const rf_u8* __restrict__ rb, 
                 sum[r] = 0.0f;                                                                    \
             }                                                                                     \
         }                                                                                         \
-        da = D::dot(ra + (rf_i64)blk * D::BS, u, h, l, s, sum);                                   \
-        if (TWO) db = D::dot(rb + (rf_i64)blk * D::BS, u, h, l, s, sum);                          \
-    }
-#define FD_ROWS_BODY                                                                              \
-    {                                                                                             \
-        float da = 0.0f, db = 0.0f;                                                               \
-        FD_ROWS_DOT(it, da, db)                                                                   \
-        acc_a += da;                                                                              \
-        if (TWO) acc_b += db;                                                                     \
+        acc_a += D::dot(ra + (rf_i64)blk * D::BS, u, h, l, s, sum);                               \
+        if (TWO) acc_b += D::dot(rb + (rf_i64)blk * D::BS, u, h, l, s, sum);                      \
     }
     if (D::GEN) {
 #pragma unroll 1
         for (int it = gl; it < n_units; it += lpr) FD_ROWS_BODY
-    } else if (FD_ROWS_UNROLL > 2) {
-        constexpr int N = FD_ROWS_UNROLL > 2 ? FD_ROWS_UNROLL : 1;
-        for (int it0 = gl; it0 < n_units; it0 += N * lpr) {  // lanes past the row's units skip the round
-            float da[N], db[N];
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const int it = min(it0 + k * lpr, n_units - 1);
-                da[k] = 0.0f;
-                db[k] = 0.0f;
-                FD_ROWS_DOT(it, da[k], db[k])
-            }
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const bool ok = it0 + k * lpr < n_units;
-                acc_a += ok ? da[k] : 0.0f;
-                if (TWO) acc_b += ok ? db[k] : 0.0f;
-            }
-        }
     } else {
-#if FD_ROWS_UNROLL == 1
-#pragma unroll 1
-#else
 #pragma unroll 2
-#endif
         for (int it = gl; it < n_units; it += lpr) FD_ROWS_BODY
     }
 #undef FD_ROWS_BODY
-#undef FD_ROWS_DOT
 }
 
 #define FD_SWITCH(t, M)                          \

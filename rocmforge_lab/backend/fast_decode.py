@@ -90,8 +90,9 @@ STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 0}
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
+GATE_UP_LPR_SMALL = 0   # lanes per gate/up row pair of small grids (DecodePlan._gate_up_lpr; 0: off)
+KS_UNITS = 4            # units per lane before a matvec row is split over more lane groups (ks_for)
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
-ROWS_UNROLL_DEFAULT = 2  # tune "rows_unroll"
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -319,11 +320,7 @@ class DecodePlan:
             wo = self._w(p + "attn_output.weight")
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
-            lpr = self._lpr(d, boost=False)
-            if "gate_up_lpr" in self.tune:  # lanes per row pair (8, 16 or 32)
-                lpr = min(int(self.tune["gate_up_lpr"]), self.warp_size, 32)
-                if lpr not in (8, 16, 32):
-                    raise ValueError(f"tune gate_up_lpr {lpr} (8, 16 or 32)")
+            lpr = self._gate_up_lpr(d, ff, any_(wg, wu) != "")
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (
@@ -368,21 +365,26 @@ class DecodePlan:
              Buf("resid")),
             "embed", "embed", 0)]
 
+    def _gate_up_lpr(self, d: int, ff: int, any_type: bool) -> int:
+        """Lanes per gate/up row pair (tune "gate_up_lpr": 8, 16 or 32). A block holds 32 row pairs;
+        where the grid is small (ff / 32 < 2 x multiprocessors) and the rows would take 32 lanes
+        (d_model >= 768), GATE_UP_LPR_SMALL lanes instead, so the 32 pairs run at once in 512 threads
+        instead of 4 rounds of 8 pairs in 256 (the Qwen2.5-0.5B shape)."""
+        lpr = self._lpr(d, boost=False)
+        if "gate_up_lpr" in self.tune:
+            lpr = min(int(self.tune["gate_up_lpr"]), self.warp_size, 32)
+            if lpr not in (8, 16, 32):
+                raise ValueError(f"tune gate_up_lpr {lpr} (8, 16 or 32)")
+        elif GATE_UP_LPR_SMALL and lpr > GATE_UP_LPR_SMALL and ff // 32 < 2 * self.n_sm and not any_type:
+            lpr = GATE_UP_LPR_SMALL
+        return lpr
+
     @property
     def compile_options(self) -> tuple[str, ...]:
-        """Extra compiler options of the kernel module (a build variant per set; tune "pf_l1" 1:
-        the weight prefetches before the programmatic-launch wait go to L1 instead of L2 only,
-        FD_PF_L1; tune "rows_unroll" N: the 32-value engine's unit loop unrolled N times instead of
-        2, FD_ROWS_UNROLL: more weight loads in flight per lane)."""
-        opts = []
-        if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
-            opts.append("-DFD_PF_L1=1")
-        unroll = int(self.tune.get("rows_unroll", ROWS_UNROLL_DEFAULT))
-        if unroll != ROWS_UNROLL_DEFAULT:  # = FD_ROWS_UNROLL's default in the source (a CPU test checks)
-            if unroll not in (1, 2, 4, 8):
-                raise ValueError(f"tune rows_unroll {unroll} (1, 2, 4 or 8)")
-            opts.append(f"-DFD_ROWS_UNROLL={unroll}")
-        return tuple(opts)
+        """Extra compiler options of the kernel module (each set is a build of its own; tune "pf_l1"
+        1: the weight prefetches go to L1 as well as L2, FD_PF_L1. H100, graph+PDL: 1,486 / 1,146 /
+        289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default)."""
+        return ("-DFD_PF_L1=1",) if int(self.tune.get("pf_l1", PF_L1_DEFAULT)) else ()
 
     @property
     def att_hpb(self) -> int:
@@ -536,7 +538,7 @@ class DecodePlan:
         units = cols // 32
         per_block = self.tune.get("threads", 256) // lpr
         ks = 1
-        while (ks < 8 and units > self.tune.get("ks_units", 4) * lpr * ks
+        while (ks < 8 and units > self.tune.get("ks_units", KS_UNITS) * lpr * ks
                and -(-n_tasks * 2 * ks // per_block) <= self.out_blocks_max):
             ks *= 2
         return ks

@@ -105,45 +105,19 @@ def test_emu_fused_matvec(qtype):
     _check_emu_matvec(qtype, 13, 512, 11, cases)  # odd rows: the last pair task has one row
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_1", "Q5_0", "Q8_0"])
-def test_emu_fused_matvec_rows_unroll(qtype):
-    """The 32-value engine built with FD_ROWS_UNROLL 4 (tune "rows_unroll"): rounds of 4 units per
-    lane, the units past a row's end clamped and dropped. Against float64 NumPy, and equal bit for
-    bit to the default build (same units, same order of the sums). 40 units per row: with 8 / 16 /
-    32 lanes (x split-K) a lane's last round is partly past the end."""
-    rng = np.random.default_rng(21)
-    rows, cols = 7, 1280
-    raw = R.random_tensor(qtype, rows, cols, rng)
-    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
-    arena, (w_off,) = R.pack_arena(raw)
-    rb = R.row_bytes(qtype, cols)
-    x = rng.standard_normal(cols).astype(np.float32)
-    tol = 1e-5 * (np.abs(ref) @ np.abs(x)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    m4 = E.EmuModule("fused_decode", 32, defines={"FD_ROWS_UNROLL": 4})
-    X = _quantize(mod(32), x)
-    for lpr, ks, pair in ((8, 1, 1), (16, 2, 0), (32, 1, 1), (8, 4, 1)):
-        ys = []
-        for m in (mod(32), m4):
-            y = np.full(rows, np.nan, np.float32)
-            m.launch("fd_matvec", (2,), (max(64, lpr * ks),), arena, None, QTYPE_ID[qtype], w_off, rb, rows, cols, *X,
-                     -1, y, 0, None, -1, 0.0, None, None, None, None, pair, lpr, ks)
-            ys.append(y)
-        err = np.abs(ys[1] - ref @ x)
-        assert np.all(err <= tol), (qtype, lpr, ks, float(err.max()))
-        assert np.array_equal(ys[0], ys[1]), (qtype, lpr, ks, ys[0] - ys[1])
-
-
-def test_build_variant_defaults_match_the_source():
-    """DecodePlan.compile_options adds -D options only where a tune departs from the source's own
-    defaults: those must be the Python constants."""
-    import re
-
+def test_build_variant_options():
+    """DecodePlan.compile_options: the default build has no extra options; tune pf_l1 selects the
+    FD_PF_L1 build (a module of its own: kernels.get_function's cache key holds the options)."""
     from rocmforge_lab.backend import fast_decode as F
     from rocmforge_lab.backend import kernels as K
 
     src = (K.kernels_dir() / "fused_decode.hip").read_text()
-    assert int(re.search(r"#define FD_ROWS_UNROLL (\d+)", src).group(1)) == F.ROWS_UNROLL_DEFAULT
-    assert F.PF_L1_DEFAULT == 0 and "#if defined(RF_CUDA) && defined(FD_PF_L1) && FD_PF_L1" in src
+    assert "#if defined(RF_CUDA) && defined(FD_PF_L1) && FD_PF_L1" in src
+    plan = F.DecodePlan.__new__(F.DecodePlan)  # compile_options reads only the tune
+    plan.tune = {}
+    assert plan.compile_options == ()
+    plan.tune = {"pf_l1": 1}
+    assert plan.compile_options == ("-DFD_PF_L1=1",)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -215,6 +189,13 @@ def test_emu_fused_gate_up(qpair):
     tg, tu = qpair
     kern = "fd_gate_up" if tg in FAST and tu in FAST else "fd_gate_up_any"
     _check_emu_gate_up(tg, tu, 256, 64, kern, 64, 8)
+
+
+@pytest.mark.parametrize("threads,lpr", [(512, 16), (256, 32)])
+def test_emu_fused_gate_up_qwen05b_rows(threads, lpr):
+    """d_model 896 (the Qwen2.5-0.5B shape's 28 units per row): 32 row pairs of a block at once in 512
+    threads of 16 lanes (DecodePlan._gate_up_lpr), or in 4 rounds of 8 pairs of 32 lanes."""
+    _check_emu_gate_up("Q5_0", "Q5_0", 896, 64, "fd_gate_up", threads, lpr)
 
 
 # The stream engine (fd_st_run): rows copied through a ring of shared-memory stages. d 4096: two
@@ -459,7 +440,7 @@ class EmuDecoder:
 PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide engine
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
-              ("qwen2", "q4_k_m", "f16", {"rows_unroll": 4, "pf_l1": 1})]  # a build variant (compile_options)
+              ("qwen2", "q4_k_m", "f16", {"pf_l1": 1})]  # a build variant (compile_options; on the CPU a define only)
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 

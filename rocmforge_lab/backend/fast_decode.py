@@ -90,8 +90,9 @@ STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 0}
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
-GATE_UP_LPR_SMALL = 0   # lanes per gate/up row pair of small grids (DecodePlan._gate_up_lpr; 0: off)
-KS_UNITS = 4            # units per lane before a matvec row is split over more lane groups (ks_for)
+GATE_UP_LPR_SMALL = 16  # lanes per gate/up row pair of small grids (DecodePlan._gate_up_lpr; 0: off)
+KS_UNITS = 4            # units per lane before a matvec row is split over more lane groups (ks_for;
+                        # H100: 2 gave 1,115 vs 1,156 tok/s on the 0.5B shape, 285 vs 288 on the 7B)
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
@@ -369,7 +370,8 @@ class DecodePlan:
         """Lanes per gate/up row pair (tune "gate_up_lpr": 8, 16 or 32). A block holds 32 row pairs;
         where the grid is small (ff / 32 < 2 x multiprocessors) and the rows would take 32 lanes
         (d_model >= 768), GATE_UP_LPR_SMALL lanes instead, so the 32 pairs run at once in 512 threads
-        instead of 4 rounds of 8 pairs in 256 (the Qwen2.5-0.5B shape)."""
+        instead of 4 rounds of 8 pairs in 256 (the Qwen2.5-0.5B shape, H100, graph+PDL: 1,182-1,189
+        tok/s vs 1,155-1,161 with 32 lanes; 8 lanes: 1,173; benchmarks/RESULTS.md v9)."""
         lpr = self._lpr(d, boost=False)
         if "gate_up_lpr" in self.tune:
             lpr = min(int(self.tune["gate_up_lpr"]), self.warp_size, 32)
@@ -388,15 +390,16 @@ class DecodePlan:
 
     @property
     def att_hpb(self) -> int:
-        """Query heads per attention block (tune "att_hpb"): at head_dim <= 64 at most 2 (H100,
-        graph+PDL: +2.6% tok/s for the SmolLM2 and Qwen2.5-0.5B shapes, GQA groups of 3 and 7, see
-        benchmarks/RESULTS.md v8); else a GQA group of more than 4 heads is spread evenly over
-        ceil(G / 4) blocks per split (the 7B shape: 2 heads per block measured no faster)."""
+        """Query heads per attention block (tune "att_hpb"): one at head_dim <= 64 (H100, graph+PDL,
+        SmolLM2 shape, GQA group 3: 1,496-1,498 tok/s vs 1,477-1,480 with 2 heads, which had beaten
+        the whole group by 2.6%; Qwen2.5-0.5B shape, group 7: equal; benchmarks/RESULTS.md v9); else
+        a GQA group of more than 4 heads is spread evenly over ceil(G / 4) blocks per split (the 7B
+        shape: 1, 2 or 7 heads per block measured no faster)."""
         G = self.cfg.n_head // self.cfg.n_head_kv
         if "att_hpb" in self.tune:
             return max(1, min(G, int(self.tune["att_hpb"])))
         if self.cfg.head_dim <= 64:
-            return min(G, 2)
+            return 1
         return -(-G // -(-G // 4))
 
     @property

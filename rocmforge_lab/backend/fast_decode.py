@@ -606,8 +606,7 @@ class _CupyExec:
     def _call(self, l: Launch):
         from . import kernels as K
 
-        opts = self.plan.compile_options
-        fn = K.get_function(KERNEL_FILE, l.kernel, opts) if opts else K.get_function(KERNEL_FILE, l.kernel)
+        fn = K.get_function(KERNEL_FILE, l.kernel, self.plan.compile_options)
         return fn, l.grid, l.block, tuple(self._arg(a) for a in l.args)
 
     def _arg(self, a):

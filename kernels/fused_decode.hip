@@ -126,6 +126,28 @@ RF_DEV void fd_prefetch(const void* p) {
 #endif
 }
 
+// The "last block" pattern (a block's results -> global memory, then an atomic counter; the block
+// that arrives last reads everyone's): fd_fence() orders the writes before the counter increment and
+// the counter before the reads. Default __threadfence() (fence.sc.gpu on CUDA); built with
+// FD_FENCE_AR=1 (tune "fence_ar"): fence.acq_rel.gpu (sm_70+), the weakest fence that still pairs a
+// release with an acquire through the atomic. fd_ld_l2(p): a load of a value another block of the
+// running kernel wrote: volatile by default; built with FD_LDCG=1 (tune "ldcg", CUDA): ld.global.cg
+// (L2, not L1), which the compiler may batch freely (volatile loads stay in program order).
+RF_DEV void fd_fence() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && defined(FD_FENCE_AR) && FD_FENCE_AR
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#else
+    __threadfence();
+#endif
+}
+RF_DEV float fd_ld_l2(const float* p) {
+#if defined(RF_CUDA) && !defined(RF_HOST_EMU) && defined(FD_LDCG) && FD_LDCG
+    return __ldcg(p);
+#else
+    return *(const volatile float*)p;
+#endif
+}
+
 // Programmatic dependent launch (CUDA, sm_90+): the decode graph is captured with each kernel
 // launched with programmatic stream serialization (fast_decode.py), so a kernel's blocks may start
 // while the previous kernel of the step still runs. Everything before fd_pdl_wait() may only read
@@ -1691,7 +1713,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     const int nsv = (L + FD_ATT_KEYS - 1) / FD_ATT_KEYS;
     if (nsv * n_head * HD <= merge_max) return;  // late merge: the o-projection's blocks merge (fd_oproj)
     // the last block of this KV head merges the partials
-    __threadfence();
+    fd_fence();
     __syncthreads();
     if (tid == 0) {
         const int old = atomicAdd(counters + kvh, 1);
@@ -1699,9 +1721,9 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     }
     __syncthreads();
     if (!s_last) return;
-    __threadfence();
-    const volatile float* pa = part_acc;
-    const volatile float* pm = part_ml;
+    fd_fence();
+    const float* pa = part_acc;
+    const float* pm = part_ml;
     // per head: M = max_s m_s, inv = 1 / sum_s e^(m_s - M) l_s (32-lane groups, lanes over splits)
     float* mh = &sc[0][0];        // [G] maxima     (the score buffer is free now)
     float* ih = &sc[0][0] + 32;   // [G] inverses
@@ -1709,16 +1731,16 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
         const int h = h0 + g;
         float m0 = -RF_INF, l0 = 0.0f;  // the first 32 splits: one load pair per lane
         if (l32 < nsv) {
-            m0 = pm[((rf_i64)l32 * n_head + h) * 2];
-            l0 = pm[((rf_i64)l32 * n_head + h) * 2 + 1];
+            m0 = fd_ld_l2(pm + ((rf_i64)l32 * n_head + h) * 2);
+            l0 = fd_ld_l2(pm + ((rf_i64)l32 * n_head + h) * 2 + 1);
         }
         float M = m0;
-        for (int sp = l32 + 32; sp < nsv; sp += 32) M = fmaxf(M, pm[((rf_i64)sp * n_head + h) * 2]);
+        for (int sp = l32 + 32; sp < nsv; sp += 32) M = fmaxf(M, fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2));
 #pragma unroll
         for (int mm = 16; mm > 0; mm >>= 1) M = fmaxf(M, rf_shfl_xor(M, mm));
         float Ls = m0 == -RF_INF ? 0.0f : expf(m0 - M) * l0;
         for (int sp = l32 + 32; sp < nsv; sp += 32) {
-            const float m = pm[((rf_i64)sp * n_head + h) * 2], l = pm[((rf_i64)sp * n_head + h) * 2 + 1];
+            const float m = fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2), l = fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2 + 1);
             Ls += m == -RF_INF ? 0.0f : expf(m - M) * l;
         }
 #pragma unroll
@@ -1731,7 +1753,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
         if (nsv <= 64) {
             if (l32 < nsv) wts[g][l32] = m0 == -RF_INF ? 0.0f : expf(m0 - M) * inv;
             for (int sp = l32 + 32; sp < nsv; sp += 32) {
-                const float m = pm[((rf_i64)sp * n_head + h) * 2];
+                const float m = fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2);
                 wts[g][sp] = m == -RF_INF ? 0.0f : expf(m - M) * inv;
             }
         }
@@ -1750,7 +1772,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
                 for (int k = 0; k < 8; ++k) {
                     const int t = tid + 128 * k;
                     a[kk][k] = (t < G * HD && sp0 + kk < nsv)
-                                   ? pa[((rf_i64)(sp0 + kk) * n_head + h0 + t / HD) * HD + t % HD]
+                                   ? fd_ld_l2(pa + ((rf_i64)(sp0 + kk) * n_head + h0 + t / HD) * HD + t % HD)
                                    : 0.0f;
                 }
             }
@@ -1781,15 +1803,15 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
                 float m[4], a[4];
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
-                    m[k] = pm[((rf_i64)(sp + k) * n_head + h) * 2];
-                    a[k] = pa[((rf_i64)(sp + k) * n_head + h) * HD + dd];
+                    m[k] = fd_ld_l2(pm + ((rf_i64)(sp + k) * n_head + h) * 2);
+                    a[k] = fd_ld_l2(pa + ((rf_i64)(sp + k) * n_head + h) * HD + dd);
                 }
 #pragma unroll
                 for (int k = 0; k < 4; ++k) acc += m[k] == -RF_INF ? 0.0f : expf(m[k] - M) * a[k];
             }
             for (; sp < nsv; ++sp) {
-                const float m = pm[((rf_i64)sp * n_head + h) * 2];
-                const float a = pa[((rf_i64)sp * n_head + h) * HD + dd];
+                const float m = fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2);
+                const float a = fd_ld_l2(pa + ((rf_i64)sp * n_head + h) * HD + dd);
                 acc += m == -RF_INF ? 0.0f : expf(m - M) * a;
             }
             const float o = acc * ih[g];
@@ -1932,7 +1954,7 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     X.sum16 = xsum;
     fd_matvec_body<ANY, WT, NU>(arena, t, off, rb, rows, cols, X, bias_off, y, accumulate, pair, lpr, ks);
     if (tail_norm_off < 0) return;
-    __threadfence();
+    fd_fence();
     __syncthreads();
     if (threadIdx.x == 0) {
         const int old = atomicAdd(counter, 1);
@@ -1940,7 +1962,7 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     }
     __syncthreads();
     if (!s_last) return;
-    __threadfence();
+    fd_fence();
     fd_block_quant(y, true, (const float*)(arena + tail_norm_off), rows, eps, oh, ol, os, osum, red, nullptr);
     if (threadIdx.x == 0) *counter = 0;
 }
@@ -2133,13 +2155,13 @@ RF_DEV void fd_output_tail(float best, int besti, int* state, float* resid, int 
     if (threadIdx.x == 0) {
         part_v[blockIdx.x] = best;
         part_i[blockIdx.x] = besti;
-        __threadfence();
+        fd_fence();
         const int old = atomicAdd(counter, 1);
         s_last = old == (int)gridDim.x - 1;
     }
     __syncthreads();
     if (!s_last) return;
-    __threadfence();
+    fd_fence();
     const volatile float* pv = part_v;
     const volatile int* pi = part_i;
     float v = -RF_INF;

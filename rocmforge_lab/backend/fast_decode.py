@@ -94,6 +94,8 @@ GATE_UP_LPR_SMALL = 16  # lanes per gate/up row pair of small grids (DecodePlan.
 KS_UNITS = 4            # units per lane before a matvec row is split over more lane groups (ks_for;
                         # H100: 2 gave 1,115 vs 1,156 tok/s on the 0.5B shape, 285 vs 288 on the 7B)
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
+FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
+LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -386,7 +388,14 @@ class DecodePlan:
         """Extra compiler options of the kernel module (each set is a build of its own; tune "pf_l1"
         1: the weight prefetches go to L1 as well as L2, FD_PF_L1. H100, graph+PDL: 1,486 / 1,146 /
         289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default)."""
-        return ("-DFD_PF_L1=1",) if int(self.tune.get("pf_l1", PF_L1_DEFAULT)) else ()
+        opts = []
+        if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
+            opts.append("-DFD_PF_L1=1")
+        if int(self.tune.get("fence_ar", FENCE_AR_DEFAULT)):  # fd_fence: fence.acq_rel.gpu, not fence.sc
+            opts.append("-DFD_FENCE_AR=1")
+        if int(self.tune.get("ldcg", LDCG_DEFAULT)):  # fd_ld_l2: ld.global.cg, not volatile loads
+            opts.append("-DFD_LDCG=1")
+        return tuple(opts)
 
     @property
     def att_hpb(self) -> int:

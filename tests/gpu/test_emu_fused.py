@@ -118,6 +118,8 @@ def test_build_variant_options():
     assert plan.compile_options == ()
     plan.tune = {"pf_l1": 1}
     assert plan.compile_options == ("-DFD_PF_L1=1",)
+    plan.tune = {"fence_ar": 1, "ldcg": 1}
+    assert plan.compile_options == ("-DFD_FENCE_AR=1", "-DFD_LDCG=1")
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])

@@ -7,7 +7,8 @@ Each row: a chain of `--chain` launches of one configuration captured as a CUDA 
 with programmatic dependent launch as in the decode graph), replayed `--reps` times; the figure is the
 median GPU time per launch (CUDA events around the replays). "merge" runs the attention's last-block
 merge (merge_max 0, what the 7B shape does at position 640), "nomerge" skips it (the partials stay for
-fd_oproj's late merge), so their difference is the merge's cost on the kernel's critical path. The
+fd_oproj's late merge), so their difference is the merge's cost on the kernel's critical path ("z"
+after hpb: one merge per KV head and head slice, FD_ATT_ZMERGE). The
 grid is the decode graph's at that position (64-key splits rounded up to 16, 32, 64...).
 `--cubins DIR`: load prebuilt modules DIR/fd_<name>.cubin (nvcc -cubin) instead of compiling with
 NVRTC, one per `--builds` entry named by `--names`.
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     import cupy
 
     from rocmforge_lab.backend import kernels as K
-    from rocmforge_lab.backend.fast_decode import _PdlLauncher
+    from rocmforge_lab.backend.fast_decode import ATT_ZMERGE, _PdlLauncher
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2,qwen0.5b,qwen7b")
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
     ap.add_argument("--builds", default="", help="comma-separated option sets, '+' between options of one set")
     ap.add_argument("--names", default="", help="names of the builds (default b0, b1, ...)")
     ap.add_argument("--cubins", default="", help="directory of prebuilt fd_<name>.cubin modules")
+    ap.add_argument("--zmerge", default="0", help="FD_ATT_ZMERGE values to try: 0, 1 or 0,1 (a merge per head slice)")
     ap.add_argument("--chain", type=int, default=100)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--n-ctx", type=int, default=1024)
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
         n_split = -(-n_ctx // 64)
         part_acc = cupy.zeros(n_split * nh * hd, cupy.float32)
         part_ml = cupy.zeros(n_split * nh * 2, cupy.float32)
-        cnt = cupy.zeros(nkv, cupy.int32)
+        cnt = cupy.zeros(nkv * G, cupy.int32)
         out = cupy.zeros(nh * hd, cupy.float32)
         oh, ol = cupy.zeros(nh * hd // 4, cupy.int32), cupy.zeros(nh * hd // 4, cupy.int32)
         os_, osum = cupy.zeros(nh * hd // 32, cupy.float32), cupy.zeros(nh * hd // 16, cupy.float32)
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
         for pos in [int(p) for p in args.pos.split(",")]:
             state = cupy.asarray(np.array([pos, 0, 0, 0], np.int32))
             splits = _splits_for(pos, n_ctx)
-            for hpb in hpbs:
+            for hpb, zm in [(h, int(z)) for h in hpbs for z in args.zmerge.split(",")]:
                 for bname, opts in zip(names, builds):
                     if args.cubins:
                         mod = cupy.RawModule(path=str(Path(args.cubins) / f"fd_{bname}.cubin"))
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
                     for merge_max in (0, 1 << 30):
                         kargs = (state, q, kc, vc, part_acc, part_ml, cnt, out, oh, ol, os_, osum, np.int32(0),
                                  np.int32(nh), np.int32(nkv), np.int32(n_ctx), np.float32(hd ** -0.5),
-                                 np.int32(merge_max), np.int32(hpb))
+                                 np.int32(merge_max), np.int32(hpb | (ATT_ZMERGE if zm else 0)))
                         grid, block = (splits, nkv, -(-G // hpb)), (128,)
                         for pdl in (False, True):
                             prepared = pl.prepare(fn, grid, block, kargs)
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
                                 e1.synchronize()
                                 ts.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / args.chain)
                             res.append(statistics.median(ts))
-                    print(f"{shape:<10}{pos:>6}{hpb:>5}{bname:>8}{res[0]:>9.2f}/{res[1]:<8.2f}"
+                    print(f"{shape:<10}{pos:>6}{hpb:>4}{'z' if zm else ' '}{bname:>8}{res[0]:>9.2f}/{res[1]:<8.2f}"
                           f"{res[2]:>9.2f}/{res[3]:<8.2f}", flush=True)
 
 

@@ -76,6 +76,7 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #define FD_ATT_MAXG 32      // query heads per KV head
 #define FD_ATT_QMAX 4096    // G * head_dim
 #define FD_ATT_HPP 8        // heads per pass
+#define FD_ATT_ZMERGE 0x10000  // fd_attn's hpb flag: one merge per (KV head, head slice)
 #define FD_QMAXF 32639.0f   // |q| bound of the 16-bit activation quantization
 #define FD_ST_POS 0
 #define FD_ST_TOK 1
@@ -1568,6 +1569,8 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     __shared__ float wts[FD_ATT_MAXG][64];  // merge weights e^(m_s - M) / L per head and split
     __shared__ int s_last;
     const int split = blockIdx.x, kvh = blockIdx.y;
+    const bool zmerge = (hpb & FD_ATT_ZMERGE) != 0;  // the merge per (KV head, head slice), see above
+    hpb &= FD_ATT_ZMERGE - 1;
     const int G = n_head / n_kv, h0 = kvh * G;
     const int gb = (int)blockIdx.z * hpb, ge = min(G, gb + hpb);  // this block's query heads of the group
     const int j0 = split * FD_ATT_KEYS;
@@ -1712,12 +1715,15 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     }
     const int nsv = (L + FD_ATT_KEYS - 1) / FD_ATT_KEYS;
     if (nsv * n_head * HD <= merge_max) return;  // late merge: the o-projection's blocks merge (fd_oproj)
-    // the last block of this KV head merges the partials
+    // the last block of this KV head (zmerge: of this KV head and head slice) merges the partials of
+    // its heads mg0 .. mg1 - 1 of the group
+    const int cnt_i = zmerge ? kvh * (int)gridDim.z + (int)blockIdx.z : kvh;
+    const int mg0 = zmerge ? gb : 0, mg1 = zmerge ? ge : G, MG = mg1 - mg0;
     fd_fence();
     __syncthreads();
     if (tid == 0) {
-        const int old = atomicAdd(counters + kvh, 1);
-        s_last = old == (int)(gridDim.x * gridDim.z) - 1;  // every split and head slice of this KV head
+        const int old = atomicAdd(counters + cnt_i, 1);
+        s_last = old == (int)(zmerge ? gridDim.x : gridDim.x * gridDim.z) - 1;  // every split (and head slice)
     }
     __syncthreads();
     if (!s_last) return;
@@ -1727,7 +1733,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     // per head: M = max_s m_s, inv = 1 / sum_s e^(m_s - M) l_s (32-lane groups, lanes over splits)
     float* mh = &sc[0][0];        // [G] maxima     (the score buffer is free now)
     float* ih = &sc[0][0] + 32;   // [G] inverses
-    for (int g = sw; g < G; g += 4) {
+    for (int g = mg0 + sw; g < mg1; g += 4) {
         const int h = h0 + g;
         float m0 = -RF_INF, l0 = 0.0f;  // the first 32 splits: one load pair per lane
         if (l32 < nsv) {
@@ -1759,7 +1765,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
         }
     }
     __syncthreads();
-    if (nsv <= 64 && G * HD <= 8 * 128) {
+    if (nsv <= 64 && MG * HD <= 8 * 128) {
         // every output of this thread at once, 4 splits per round: up to 32 loads in flight
         float acc[8];
 #pragma unroll
@@ -1771,8 +1777,8 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
 #pragma unroll
                 for (int k = 0; k < 8; ++k) {
                     const int t = tid + 128 * k;
-                    a[kk][k] = (t < G * HD && sp0 + kk < nsv)
-                                   ? fd_ld_l2(pa + ((rf_i64)(sp0 + kk) * n_head + h0 + t / HD) * HD + t % HD)
+                    a[kk][k] = (t < MG * HD && sp0 + kk < nsv)
+                                   ? fd_ld_l2(pa + ((rf_i64)(sp0 + kk) * n_head + h0 + mg0 + t / HD) * HD + t % HD)
                                    : 0.0f;
                 }
             }
@@ -1781,21 +1787,21 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
 #pragma unroll
                 for (int k = 0; k < 8; ++k) {
                     const int t = tid + 128 * k;
-                    if (t < G * HD && sp0 + kk < nsv) acc[k] = fmaf(wts[t / HD][sp0 + kk], a[kk][k], acc[k]);
+                    if (t < MG * HD && sp0 + kk < nsv) acc[k] = fmaf(wts[mg0 + t / HD][sp0 + kk], a[kk][k], acc[k]);
                 }
             }
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const int t = tid + 128 * k;
-            if (t < G * HD) {  // uniform within each 32-lane group (G * HD % 32 == 0)
-                out[(rf_i64)h0 * HD + t] = acc[k];
-                fd_quant32(acc[k], (h0 * HD + t) / 32, true, oh, ol, os, osum);
+            if (t < MG * HD) {  // uniform within each 32-lane group (HD % 32 == 0)
+                out[(rf_i64)(h0 + mg0) * HD + t] = acc[k];
+                fd_quant32(acc[k], ((h0 + mg0) * HD + t) / 32, true, oh, ol, os, osum);
             }
         }
     } else {
-        for (int t = tid; t < G * HD; t += 128) {
-            const int g = t / HD, h = h0 + g, dd = t % HD;
+        for (int t = tid; t < MG * HD; t += 128) {
+            const int g = mg0 + t / HD, h = h0 + g, dd = t % HD;
             const float M = mh[g];
             float acc = 0.0f;
             int sp = 0;
@@ -1816,10 +1822,10 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
             }
             const float o = acc * ih[g];
             out[(rf_i64)h * HD + dd] = o;
-            fd_quant32(o, (h0 * HD + t) / 32, true, oh, ol, os, osum);
+            fd_quant32(o, (h * HD + dd) / 32, true, oh, ol, os, osum);
         }
     }
-    if (tid == 0) counters[kvh] = 0;
+    if (tid == 0) counters[cnt_i] = 0;
 }
 
 #define FD_ATTN_KERNEL(kname, C, HD, ES)                                                                      \

@@ -96,6 +96,8 @@ KS_UNITS = 4            # units per lane before a matvec row is split over more 
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
+ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
+ATT_ZMERGE_DEFAULT = 0  # tune "att_zmerge" (DecodePlan.att_zmerge)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -257,7 +259,7 @@ class DecodePlan:
             "logits": (f32, V),
             "part_acc": (f32, self.n_split * nh * hd),
             "part_ml": (f32, self.n_split * nh * 2),
-            "att_cnt": (i32, nkv),
+            "att_cnt": (i32, nkv * -(-(nh // nkv) // self.att_hpb)),  # one counter per (KV head, head slice)
             "out_v": (f32, self.out_blocks_max),
             "out_i": (i32, self.out_blocks_max),
             "out_cnt": (i32, 1),
@@ -318,7 +320,7 @@ class DecodePlan:
                 f"fd_attn_{c}_hd{hd}{self.ls_attn}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
                 (Buf("state"), Buf("q"), Buf("k_cache"), Buf("v_cache"), Buf("part_acc"), Buf("part_ml"),
                  Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale),
-                 _i32(self.merge_max), _i32(self.att_hpb)),
+                 _i32(self.merge_max), _i32(self.att_hpb | (ATT_ZMERGE if self.att_zmerge else 0))),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
@@ -410,6 +412,13 @@ class DecodePlan:
         if self.cfg.head_dim <= 64:
             return 1
         return -(-G // -(-G // 4))
+
+    @property
+    def att_zmerge(self) -> bool:
+        """Where fd_attn merges its split partials itself (beyond merge_max), the last block of each
+        (KV head, head slice) merges that slice's heads, so ceil(G / att_hpb) blocks per KV head merge
+        in parallel instead of one block merging the whole group (tune "att_zmerge")."""
+        return bool(int(self.tune.get("att_zmerge", ATT_ZMERGE_DEFAULT)))
 
     @property
     def ls(self) -> str:

@@ -408,13 +408,15 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                # acquire/release fences and L2 loads in the attention's last-block merge (merge_max 0:
                # that merge at every position), the output's argmax tail and the matvec tail
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"fence_ar": 1, "ldcg": 1, "merge_max": 0}),
+               # one merge per KV head and head slice (the 7B: 2 slices of 4 / 3 heads per KV head)
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_zmerge": 1, "merge_max": 0}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v) else "shape" if "gate_up_lpr" in v else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v) else "shape" if "gate_up_lpr" in v else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

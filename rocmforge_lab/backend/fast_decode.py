@@ -13,11 +13,12 @@ into the residual). No kernel has a serial "last block" phase but the output's a
   * the residual's consumers (qkv, gate/up, output) normalize it themselves: every block reads the
     d_model floats of `resid` from L2, computes the RMSNorm and quantizes it into shared memory
     (16-bit integers per 32-value block, 8 values per thread), so o-proj / down just add their rows;
-  * attention (one block per 64-key split, KV head and slice of <= 4 query heads: `att_hpb`) writes
+  * attention (one block per 64-key split, KV head and slice of query heads: `att_hpb`) writes
     per-split partials (max, sum, V accumulation) and, while the valid splits x n_head x head_dim
     stay <= MERGE_MAX (12288 floats: ~1.3k / ~0.8k tokens for SmolLM2 / Qwen2.5-0.5B shapes),
     every o-proj block merges them itself ("late merge"); beyond that the attention's last block per
-    KV head merges and quantizes its output (`DecodePlan.merge_max`; both kernels decide from the
+    KV head and head slice merges and quantizes that slice's output (`DecodePlan.merge_max`,
+    `DecodePlan.att_zmerge`; both kernels decide from the
     position, so one graph serves every position);
   * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection.
 Matvecs stream their weights from the GGUF block layout with dp4a on the staged activations; long
@@ -97,7 +98,7 @@ PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
-ATT_ZMERGE_DEFAULT = 0  # tune "att_zmerge" (DecodePlan.att_zmerge)
+ATT_ZMERGE_DEFAULT = 1  # tune "att_zmerge" (DecodePlan.att_zmerge; H100, 7B shape: 296-298 vs 289-290 tok/s)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
 # weight types with integer-dot decoders: their kernels need half the registers of the "_any"
@@ -404,20 +405,25 @@ class DecodePlan:
         """Query heads per attention block (tune "att_hpb"): one at head_dim <= 64 (H100, graph+PDL,
         SmolLM2 shape, GQA group 3: 1,496-1,498 tok/s vs 1,477-1,480 with 2 heads, which had beaten
         the whole group by 2.6%; Qwen2.5-0.5B shape, group 7: equal; benchmarks/RESULTS.md v9); else
-        a GQA group of more than 4 heads is spread evenly over ceil(G / 4) blocks per split (the 7B
-        shape: 1, 2 or 7 heads per block measured no faster)."""
+        a GQA group of more than 2 heads is spread evenly over ceil(G / 2) blocks per split, each slice
+        merged by its own last block (`att_zmerge`): the 7B shape, H100, graph+PDL: 300 tok/s vs 296
+        with slices of <= 4 heads (v9: 4 heads; 1, 2 or 7 without the per-slice merge were no faster;
+        benchmarks/RESULTS.md v10)."""
         G = self.cfg.n_head // self.cfg.n_head_kv
         if "att_hpb" in self.tune:
             return max(1, min(G, int(self.tune["att_hpb"])))
         if self.cfg.head_dim <= 64:
             return 1
-        return -(-G // -(-G // 4))
+        return -(-G // -(-G // 2))
 
     @property
     def att_zmerge(self) -> bool:
         """Where fd_attn merges its split partials itself (beyond merge_max), the last block of each
         (KV head, head slice) merges that slice's heads, so ceil(G / att_hpb) blocks per KV head merge
-        in parallel instead of one block merging the whole group (tune "att_zmerge")."""
+        in parallel instead of one block merging the whole group (tune "att_zmerge", default on).
+        H100, benchmarks/attn_micro.py, position 640, graph+PDL launches: the 7B shape's attention
+        15.6 -> 13.8 us (4 heads per block), 15.1 -> 13.0 (2); the small models' (their merge runs
+        beyond ~0.8-1.3k tokens) 19.6 -> 13.9 us (Qwen2.5-0.5B shape), 15.8 -> 13.7 (SmolLM2)."""
         return bool(int(self.tune.get("att_zmerge", ATT_ZMERGE_DEFAULT)))
 
     @property

@@ -257,6 +257,8 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     """fd_qkv (norm + Q/K/V + bias + RoPE + KV append at pos) then fd_attn over keys 0..pos."""
     import cupy
 
+    from rocmforge_lab.backend.fast_decode import ATT_ZMERGE
+
     rng = np.random.default_rng(hd + nh)
     d, layer, n_layer = 512, 1, 2
     pos = n_ctx - 43
@@ -304,15 +306,17 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     n_split = math.ceil(n_ctx / 64)
     part_acc = cupy.zeros(n_split * nh * hd, np.float32)
     part_ml = cupy.zeros(n_split * nh * 2, np.float32)
-    cnt = cupy.zeros(nkv, np.int32)
+    G = nh // nkv
+    cnt = cupy.zeros(nkv * G, np.int32)  # one per (KV head, head slice) for the per-slice merge
     out = cupy.full(nh * hd, np.nan, np.float32)
     xa = _xbufs(nh * hd)
-    G = nh // nkv
-    for hpb in (G, 4, 3):  # query heads per block (twice G: the counters must have been reset)
+    # query heads per block, and zm: one merge per head slice (FD_ATT_ZMERGE); the last case repeats
+    # the first (the counters must have been reset)
+    for hpb, zm in ((G, 0), (4, 0), (3, 0), (2, 1), (3, 1), (1, 1), (G, 0)):
         out.fill(np.nan)
         _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv, -(-G // hpb)), (128,), (
             state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
-            np.float32(1 / math.sqrt(hd)), _i32(0), _i32(hpb)))
+            np.float32(1 / math.sqrt(hd)), _i32(0), _i32(hpb | (ATT_ZMERGE if zm else 0))))
         assert int(cnt.sum().get()) == 0
         got = cupy.asnumpy(out).reshape(1, -1)
         want = R.attention_ref(cupy.asnumpy(q).astype(np.float64).reshape(1, nh, hd), kc1.astype(np.float64),

@@ -77,6 +77,7 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #define FD_ATT_QMAX 4096    // G * head_dim
 #define FD_ATT_HPP 8        // heads per pass
 #define FD_ATT_ZMERGE 0x10000  // fd_attn's hpb flag: one merge per (KV head, head slice)
+#define FD_ATT_MERGE1 0x20000  // fd_attn's hpb flag: the one-pass merge (<= 2 outputs per thread)
 #define FD_QMAXF 32639.0f   // |q| bound of the 16-bit activation quantization
 #define FD_ST_POS 0
 #define FD_ST_TOK 1
@@ -1572,6 +1573,7 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     __shared__ int s_last;
     const int split = blockIdx.x, kvh = blockIdx.y;
     const bool zmerge = (hpb & FD_ATT_ZMERGE) != 0;  // the merge per (KV head, head slice), see above
+    const bool merge1 = (hpb & FD_ATT_MERGE1) != 0;  // the one-pass merge, see below
     hpb &= FD_ATT_ZMERGE - 1;
     const int G = n_head / n_kv, h0 = kvh * G;
     const int gb = (int)blockIdx.z * hpb, ge = min(G, gb + hpb);  // this block's query heads of the group
@@ -1732,6 +1734,58 @@ RF_DEV void fd_attn_impl(const int* __restrict__ state, const float* __restrict_
     fd_fence();
     const float* pa = part_acc;
     const float* pm = part_ml;
+    if (merge1 && nsv <= 64 && MG * HD <= 2 * 128) {
+        // one pass (FD_ATT_MERGE1): each thread merges its <= 2 outputs t = tid + 128 k (head mg0 + t / HD),
+        // loading (m, l) and the partial of 8 splits at once per round, online rescaled to the running
+        // maximum: one dependent round of loads per 8 splits instead of the (m, l) round, a barrier and
+        // the partials' rounds below
+        float acc[2] = {0.0f, 0.0f}, mx[2] = {-RF_INF, -RF_INF}, ls[2] = {0.0f, 0.0f};
+        for (int sp0 = 0; sp0 < nsv; sp0 += 8) {
+            float m[2][8], l[2][8], a[2][8];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int t = tid + 128 * k;
+                const bool ok = t < MG * HD;
+                const int h = h0 + mg0 + (ok ? t / HD : 0);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int sp = sp0 + j;
+                    const bool v = ok && sp < nsv;
+                    m[k][j] = v ? fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2) : -RF_INF;
+                    l[k][j] = v ? fd_ld_l2(pm + ((rf_i64)sp * n_head + h) * 2 + 1) : 0.0f;
+                    a[k][j] = v ? fd_ld_l2(pa + ((rf_i64)sp * n_head + h) * HD + t % HD) : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                float mc = mx[k];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) mc = fmaxf(mc, m[k][j]);
+                if (mc == -RF_INF) continue;  // nothing valid yet (no shuffles in this loop)
+                const float r = mx[k] == -RF_INF ? 0.0f : expf(mx[k] - mc);
+                acc[k] *= r;
+                ls[k] *= r;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float w = m[k][j] == -RF_INF ? 0.0f : expf(m[k][j] - mc);
+                    acc[k] = fmaf(w, a[k][j], acc[k]);
+                    ls[k] = fmaf(w, l[k][j], ls[k]);
+                }
+                mx[k] = mc;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const int t = tid + 128 * k;
+            if (t < MG * HD) {  // uniform within each 32-lane group (HD % 32 == 0)
+                const float o = ls[k] > 0.0f ? acc[k] / ls[k] : 0.0f;
+                out[(rf_i64)(h0 + mg0) * HD + t] = o;
+                fd_quant32(o, ((h0 + mg0) * HD + t) / 32, true, oh, ol, os, osum);
+            }
+        }
+        if (tid == 0) counters[cnt_i] = 0;
+        return;
+    }
     // per head: M = max_s m_s, inv = 1 / sum_s e^(m_s - M) l_s (32-lane groups, lanes over splits)
     float* mh = &sc[0][0];        // [G] maxima     (the score buffer is free now)
     float* ih = &sc[0][0] + 32;   // [G] inverses

@@ -98,6 +98,8 @@ PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
+ATT_MERGE1 = 0x20000    # FD_ATT_MERGE1: fd_attn's hpb flag, the one-pass merge (tune "att_merge1")
+ATT_MERGE1_DEFAULT = 0
 ATT_ZMERGE_DEFAULT = 1  # tune "att_zmerge" (DecodePlan.att_zmerge; H100, 7B shape: 296-298 vs 289-290 tok/s)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
@@ -321,7 +323,8 @@ class DecodePlan:
                 f"fd_attn_{c}_hd{hd}{self.ls_attn}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
                 (Buf("state"), Buf("q"), Buf("k_cache"), Buf("v_cache"), Buf("part_acc"), Buf("part_ml"),
                  Buf("att_cnt"), Buf("attn"), *X("xa"), _i32(i), _i32(nh), _i32(nkv), _i32(self.n_ctx), _f32(scale),
-                 _i32(self.merge_max), _i32(self.att_hpb | (ATT_ZMERGE if self.att_zmerge else 0))),
+                 _i32(self.merge_max), _i32(self.att_hpb | (ATT_ZMERGE if self.att_zmerge else 0)
+                                                   | (ATT_MERGE1 if int(self.tune.get("att_merge1", ATT_MERGE1_DEFAULT)) else 0))),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
             L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as R  # noqa: E402
-from rocmforge_lab.backend.fast_decode import ATT_ZMERGE, QTYPE_ID, STREAM_DEFAULTS  # noqa: E402
+from rocmforge_lab.backend.fast_decode import ATT_MERGE1, ATT_ZMERGE, QTYPE_ID, STREAM_DEFAULTS  # noqa: E402
 from emu import emu as E  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not E.available(), reason="g++ not found: the CPU kernel emulator needs it")
@@ -277,7 +277,9 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws):
     (64, 12288, 4, 1024, 300, 128, 8),
     (32, -1, 16, 640, 600, 32, None),      # -1: merge_max 0 with one merge per (KV head, head slice)
     (32, -1, 14, 1024, 300, 128, 8),       # (FD_ATT_ZMERGE): slices of 3, 3 and 1 heads of each group of 7
-    (64, -1, 4, 256, 200, 128, None)])     # (wave64: the emulator needs whole-warp uniform shuffles)
+    (64, -1, 4, 256, 200, 128, None),      # (wave64: the emulator needs whole-warp uniform shuffles)
+    (32, -2, 16, 640, 600, 32, None),      # -2: -1 with the one-pass merge (FD_ATT_MERGE1; 10 splits:
+    (32, -2, 14, 1024, 300, 128, 8)])      # two rounds of 8)
 def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_splits, ls):
     """fd_attn over several 64-key splits (the last one partial), then fd_oproj: resid += W_o attention.
     merge_max 12288: every o-proj block merges the split partials itself (late merge); 0: fd_attn's
@@ -299,7 +301,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
     n_split = n_ctx // 64
     part_acc = np.zeros(n_split * nh * hd, np.float32)
     part_ml = np.zeros(n_split * nh * 2, np.float32)
-    zmerge = merge_max < 0
+    zmerge, merge1 = merge_max < 0, merge_max == -2
     merge_max = max(merge_max, 0)
     G = nh // nkv
     hpb = 3 if G > 3 else G  # query heads per block: the 16-head case spreads each group of 8 over 3 blocks
@@ -309,7 +311,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
           np.zeros(nh * hd // 16, np.float32))
     scale = 1 / math.sqrt(hd)
     mod(ws).launch("fd_attn_f32_hd32" + ls.replace("_m1", ""), (grid_splits or n_split, nkv, -(-G // hpb)), (128,), state, q, kc, vc, part_acc, part_ml,
-                   cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb | (ATT_ZMERGE if zmerge else 0))
+                   cnt, out, *xa, layer, nh, nkv, n_ctx, scale, merge_max, hpb | (ATT_ZMERGE if zmerge else 0) | (ATT_MERGE1 if merge1 else 0))
     assert cnt.sum() == 0
     want = R.attention_ref(q.astype(np.float64).reshape(1, nh, hd), kc.astype(np.float64), vc.astype(np.float64),
                            layer, pos, pos + 1, scale).reshape(-1)

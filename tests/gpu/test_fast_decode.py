@@ -257,7 +257,7 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     """fd_qkv (norm + Q/K/V + bias + RoPE + KV append at pos) then fd_attn over keys 0..pos."""
     import cupy
 
-    from rocmforge_lab.backend.fast_decode import ATT_ZMERGE
+    from rocmforge_lab.backend.fast_decode import ATT_MERGE1, ATT_ZMERGE
 
     rng = np.random.default_rng(hd + nh)
     d, layer, n_layer = 512, 1, 2
@@ -310,13 +310,14 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
     cnt = cupy.zeros(nkv * G, np.int32)  # one per (KV head, head slice) for the per-slice merge
     out = cupy.full(nh * hd, np.nan, np.float32)
     xa = _xbufs(nh * hd)
-    # query heads per block, and zm: one merge per head slice (FD_ATT_ZMERGE); the last case repeats
-    # the first (the counters must have been reset)
-    for hpb, zm in ((G, 0), (4, 0), (3, 0), (2, 1), (3, 1), (1, 1), (G, 0)):
+    # query heads per block, and flags: one merge per head slice (FD_ATT_ZMERGE), the one-pass merge
+    # (FD_ATT_MERGE1); the last case repeats the first (the counters must have been reset)
+    Z, M1 = ATT_ZMERGE, ATT_MERGE1
+    for hpb, zm in ((G, 0), (4, 0), (3, 0), (2, Z), (3, Z), (1, Z), (2, Z | M1), (1, Z | M1), (G, 0)):
         out.fill(np.nan)
         _fn(f"fd_attn_{kv}_hd{hd}")((n_split, nkv, -(-G // hpb)), (128,), (
             state, q, kc, vc, part_acc, part_ml, cnt, out, *xa, _i32(layer), _i32(nh), _i32(nkv), _i32(n_ctx),
-            np.float32(1 / math.sqrt(hd)), _i32(0), _i32(hpb | (ATT_ZMERGE if zm else 0))))
+            np.float32(1 / math.sqrt(hd)), _i32(0), _i32(hpb | zm)))
         assert int(cnt.sum().get()) == 0
         got = cupy.asnumpy(out).reshape(1, -1)
         want = R.attention_ref(cupy.asnumpy(q).astype(np.float64).reshape(1, nh, hd), kc1.astype(np.float64),
@@ -414,13 +415,14 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"fence_ar": 1, "ldcg": 1, "merge_max": 0}),
                # one merge per KV head and head slice (the 7B: 2 slices of 4 / 3 heads per KV head)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_zmerge": 1, "merge_max": 0}),
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_merge1": 1, "merge_max": 0}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v) else "shape" if "gate_up_lpr" in v else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if "gate_up_lpr" in v else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

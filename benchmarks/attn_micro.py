@@ -31,19 +31,11 @@ SHAPES = {  # n_head, n_kv, head_dim
 }
 
 
-def _splits_for(pos: int, n_ctx: int, m: int = 16) -> int:
-    need = pos // 64 + 1
-    s = m
-    while s < need:
-        s *= 2
-    return min(s, -(-n_ctx // 64))
-
-
 def main(argv=None) -> None:
     import cupy
 
     from rocmforge_lab.backend import kernels as K
-    from rocmforge_lab.backend.fast_decode import ATT_ZMERGE, _PdlLauncher
+    from rocmforge_lab.backend.fast_decode import ATT_MIN_SPLITS, ATT_ZMERGE, _PdlLauncher, attention_splits
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2,qwen0.5b,qwen7b")
@@ -83,7 +75,7 @@ def main(argv=None) -> None:
         kname = f"fd_attn_f16_hd{hd}" + ("" if hd <= 64 else "_ls")
         for pos in [int(p) for p in args.pos.split(",")]:
             state = cupy.asarray(np.array([pos, 0, 0, 0], np.int32))
-            splits = _splits_for(pos, n_ctx)
+            splits = attention_splits(pos, n_split, ATT_MIN_SPLITS)  # the decode graph's grid
             for hpb, zm in [(h, int(z)) for h in hpbs for z in args.zmerge.split(",")]:
                 for bname, opts in zip(names, builds):
                     if args.cubins:

@@ -158,6 +158,17 @@ def _f32(v):
     return ("f32", float(v))
 
 
+def attention_splits(pos: int, n_split: int, min_splits: int) -> int:
+    """64-key splits of an attention grid for positions <= pos: the smallest of m, 2m, 4m, ... (m =
+    min_splits) that covers keys 0..pos, at most n_split (the context's); min_splits <= 0: n_split."""
+    if min_splits <= 0:
+        return n_split
+    b, need = min_splits, pos // ATT_CHUNK + 1
+    while b < need:
+        b *= 2
+    return min(b, n_split)
+
+
 def lanes_per_row(cols: int, warp_size: int = 32) -> int:
     """Lanes cooperating on one row: every type has cols/32 units per row."""
     units = cols // 32
@@ -878,13 +889,7 @@ class FastDecoder:
         ATT_MIN_SPLITS; 0: always the context's), so a short sequence in a long context launches few
         attention blocks past its position (each such block loads its keys before it can read the
         position, then returns)."""
-        n, need = self.plan.n_split, pos // ATT_CHUNK + 1
-        b = int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS))
-        if b <= 0:
-            return n
-        while b < need:
-            b *= 2
-        return min(b, n)
+        return attention_splits(pos, self.plan.n_split, int(self.plan.tune.get("att_min_splits", ATT_MIN_SPLITS)))
 
     def _graphs_for(self, pos: int) -> tuple:
         """(one-step graph, chunk graph) for steps at positions <= pos (captured on first use;

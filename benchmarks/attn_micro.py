@@ -16,13 +16,14 @@ NVRTC, one per `--builds` entry named by `--names`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch_floor import time_chain  # noqa: E402
 
 SHAPES = {  # n_head, n_kv, head_dim
     "smollm2": (9, 3, 64),
@@ -35,12 +36,13 @@ def main(argv=None) -> None:
     import cupy
 
     from rocmforge_lab.backend import kernels as K
-    from rocmforge_lab.backend.fast_decode import ATT_MIN_SPLITS, ATT_ZMERGE, _PdlLauncher, attention_splits
+    from rocmforge_lab.backend.fast_decode import (ATT_MIN_SPLITS, ATT_ZMERGE, _PdlLauncher, attention_splits,
+                                                    default_att_hpb)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2,qwen0.5b,qwen7b")
     ap.add_argument("--pos", default="64,640,1000")
-    ap.add_argument("--hpb", default="", help="heads per block to try (default: the decode plan's)")
+    ap.add_argument("--hpb", default="", help="heads per block to try (default: the decode plan's, default_att_hpb)")
     ap.add_argument("--builds", default="", help="comma-separated option sets, '+' between options of one set")
     ap.add_argument("--names", default="", help="names of the builds (default b0, b1, ...)")
     ap.add_argument("--cubins", default="", help="directory of prebuilt fd_<name>.cubin modules")
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
         out = cupy.zeros(nh * hd, cupy.float32)
         oh, ol = cupy.zeros(nh * hd // 4, cupy.int32), cupy.zeros(nh * hd // 4, cupy.int32)
         os_, osum = cupy.zeros(nh * hd // 32, cupy.float32), cupy.zeros(nh * hd // 16, cupy.float32)
-        hpbs = [int(h) for h in args.hpb.split(",")] if args.hpb else [1 if hd <= 64 else -(-G // -(-G // 4))]
+        hpbs = [int(h) for h in args.hpb.split(",")] if args.hpb else [default_att_hpb(G, hd)]
         kname = f"fd_attn_f16_hd{hd}" + ("" if hd <= 64 else "_ls")
         for pos in [int(p) for p in args.pos.split(",")]:
             state = cupy.asarray(np.array([pos, 0, 0, 0], np.int32))
@@ -90,26 +92,7 @@ def main(argv=None) -> None:
                                  np.int32(merge_max), np.int32(hpb | (ATT_ZMERGE if zm else 0)))
                         grid, block = (splits, nkv, -(-G // hpb)), (128,)
                         for pdl in (False, True):
-                            prepared = pl.prepare(fn, grid, block, kargs)
-                            with stream:
-                                stream.begin_capture()
-                                for _ in range(args.chain):
-                                    if pdl:
-                                        pl.launch(prepared, stream.ptr)
-                                    else:
-                                        fn(grid, block, kargs)
-                                g = stream.end_capture()
-                            g.launch(stream)
-                            stream.synchronize()
-                            ts = []
-                            for _ in range(args.reps):
-                                e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-                                e0.record(stream)
-                                g.launch(stream)
-                                e1.record(stream)
-                                e1.synchronize()
-                                ts.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / args.chain)
-                            res.append(statistics.median(ts))
+                            res.append(time_chain(fn, grid, block, kargs, pdl, args.chain, args.reps, stream, pl))
                     print(f"{shape:<10}{pos:>6}{hpb:>4}{'z' if zm else ' '}{bname:>8}{res[0]:>9.2f}/{res[1]:<8.2f}"
                           f"{res[2]:>9.2f}/{res[3]:<8.2f}", flush=True)
 

@@ -67,6 +67,34 @@ extern "C" __global__ void k_stage_dot(float* x, const float* src, int d, const 
 """
 
 
+def time_chain(fn, grid, block, kargs, pdl: bool, chain: int, reps: int, stream, launcher) -> float:
+    """Median GPU time per launch (us) of `chain` launches of fn captured as one CUDA graph (with
+    programmatic dependent launch where `pdl`, through `launcher`, a fast_decode._PdlLauncher),
+    replayed `reps` times, CUDA events around each replay."""
+    import cupy
+
+    prepared = launcher.prepare(fn, grid, block, kargs)
+    with stream:
+        stream.begin_capture()
+        for _ in range(chain):
+            if pdl:
+                launcher.launch(prepared, stream.ptr)
+            else:
+                fn(grid, block, kargs)
+        g = stream.end_capture()
+    g.launch(stream)
+    stream.synchronize()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record(stream)
+        g.launch(stream)
+        e1.record(stream)
+        e1.synchronize()
+        ts.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / chain)
+    return statistics.median(ts)
+
+
 def main(argv=None) -> None:
     import cupy
 
@@ -98,26 +126,7 @@ def main(argv=None) -> None:
         fn = mod.get_function(f"k_{name}")
         res = []
         for pdl in (False, True):
-            prepared = pl.prepare(fn, (blocks,), (threads,), kargs)
-            with stream:
-                stream.begin_capture()
-                for _ in range(args.chain):
-                    if pdl:
-                        pl.launch(prepared, stream.ptr)
-                    else:
-                        fn((blocks,), (threads,), kargs)
-                g = stream.end_capture()
-            g.launch(stream)
-            stream.synchronize()
-            ts = []
-            for _ in range(args.reps):
-                e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-                e0.record(stream)
-                g.launch(stream)
-                e1.record(stream)
-                e1.synchronize()
-                ts.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / args.chain)
-            res.append(statistics.median(ts))
+            res.append(time_chain(fn, (blocks,), (threads,), kargs, pdl, args.chain, args.reps, stream, pl))
         extra = ",".join(str(int(a)) for a in kargs[2:] if isinstance(a, (np.int32, int)))
         print(f"{name:<10}{blocks:>7}{extra:>12}{res[0]:>9.2f}{res[1]:>11.2f}", flush=True)
 

@@ -169,6 +169,14 @@ def attention_splits(pos: int, n_split: int, min_splits: int) -> int:
     return min(b, n_split)
 
 
+def default_att_hpb(G: int, head_dim: int) -> int:
+    """Query heads per attention block for a GQA group of G heads (DecodePlan.att_hpb without its
+    tune): 1 at head_dim <= 64, else the group spread evenly over ceil(G / 2) blocks."""
+    if head_dim <= 64:
+        return 1
+    return -(-G // -(-G // 2))
+
+
 def lanes_per_row(cols: int, warp_size: int = 32) -> int:
     """Lanes cooperating on one row: every type has cols/32 units per row."""
     units = cols // 32
@@ -426,9 +434,7 @@ class DecodePlan:
         G = self.cfg.n_head // self.cfg.n_head_kv
         if "att_hpb" in self.tune:
             return max(1, min(G, int(self.tune["att_hpb"])))
-        if self.cfg.head_dim <= 64:
-            return 1
-        return -(-G // -(-G // 2))
+        return default_att_hpb(G, self.cfg.head_dim)
 
     @property
     def att_zmerge(self) -> bool:

@@ -8,7 +8,8 @@ with programmatic dependent launch as in the decode graph), replayed `--reps` ti
 median GPU time per launch (CUDA events around the replays). "merge" runs the attention's last-block
 merge (merge_max 0, what the 7B shape does at position 640), "nomerge" skips it (the partials stay for
 fd_oproj's late merge), so their difference is the merge's cost on the kernel's critical path ("z"
-after hpb: one merge per KV head and head slice, FD_ATT_ZMERGE). The
+after hpb: one merge per KV head and head slice, FD_ATT_ZMERGE; "m": the one-pass merge,
+FD_ATT_MERGE1). The
 grid is the decode graph's at that position (64-key splits rounded up to 16, 32, 64...).
 `--cubins DIR`: load prebuilt modules DIR/fd_<name>.cubin (nvcc -cubin) instead of compiling with
 NVRTC, one per `--builds` entry named by `--names`.
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     import cupy
 
     from rocmforge_lab.backend import kernels as K
-    from rocmforge_lab.backend.fast_decode import (ATT_MIN_SPLITS, ATT_ZMERGE, _PdlLauncher, attention_splits,
+    from rocmforge_lab.backend.fast_decode import (ATT_MERGE1, ATT_MIN_SPLITS, ATT_ZMERGE, _PdlLauncher, attention_splits,
                                                     default_att_hpb)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--names", default="", help="names of the builds (default b0, b1, ...)")
     ap.add_argument("--cubins", default="", help="directory of prebuilt fd_<name>.cubin modules")
     ap.add_argument("--zmerge", default="0", help="FD_ATT_ZMERGE values to try: 0, 1 or 0,1 (a merge per head slice)")
+    ap.add_argument("--merge1", default="0", help="FD_ATT_MERGE1 values to try: 0, 1 or 0,1 (the one-pass merge)")
     ap.add_argument("--chain", type=int, default=100)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--n-ctx", type=int, default=1024)
@@ -78,7 +80,8 @@ def main(argv=None) -> None:
         for pos in [int(p) for p in args.pos.split(",")]:
             state = cupy.asarray(np.array([pos, 0, 0, 0], np.int32))
             splits = attention_splits(pos, n_split, ATT_MIN_SPLITS)  # the decode graph's grid
-            for hpb, zm in [(h, int(z)) for h in hpbs for z in args.zmerge.split(",")]:
+            for hpb, zm, m1 in [(h, int(z), int(m)) for h in hpbs for z in args.zmerge.split(",")
+                                for m in args.merge1.split(",")]:
                 for bname, opts in zip(names, builds):
                     if args.cubins:
                         mod = cupy.RawModule(path=str(Path(args.cubins) / f"fd_{bname}.cubin"))
@@ -89,11 +92,12 @@ def main(argv=None) -> None:
                     for merge_max in (0, 1 << 30):
                         kargs = (state, q, kc, vc, part_acc, part_ml, cnt, out, oh, ol, os_, osum, np.int32(0),
                                  np.int32(nh), np.int32(nkv), np.int32(n_ctx), np.float32(hd ** -0.5),
-                                 np.int32(merge_max), np.int32(hpb | (ATT_ZMERGE if zm else 0)))
+                                 np.int32(merge_max),
+                                 np.int32(hpb | (ATT_ZMERGE if zm else 0) | (ATT_MERGE1 if m1 else 0)))
                         grid, block = (splits, nkv, -(-G // hpb)), (128,)
                         for pdl in (False, True):
                             res.append(time_chain(fn, grid, block, kargs, pdl, args.chain, args.reps, stream, pl))
-                    print(f"{shape:<10}{pos:>6}{hpb:>4}{'z' if zm else ' '}{bname:>8}{res[0]:>9.2f}/{res[1]:<8.2f}"
+                    print(f"{shape:<10}{pos:>6}{hpb:>4}{'z' if zm else ' '}{'m' if m1 else ' '}{bname:>7}{res[0]:>9.2f}/{res[1]:<8.2f}"
                           f"{res[2]:>9.2f}/{res[3]:<8.2f}", flush=True)
 
 

@@ -1177,12 +1177,29 @@ __device__ FD_NOINLINE float fd_dot_one_w(int t, const rf_u8* ra, FdX X, int col
 // row: the copy window is widened to 16-byte boundaries, so a stage keeps its rows' alignment mod
 // 16). Lanes take the stage's 64-value units (W4K / W6K) round-robin; at a segment's last stage the
 // warp sums its lanes (fixed order: deterministic) and hands the dots to the kernel's emit().
-// The block's warps advance in lockstep (one __syncthreads per stage), so every warp runs the same
-// number of stages (empty ones where its list is shorter).
+// The block's warps advance in lockstep (one __syncthreads per stage; FD_ST_WARP builds: one
+// __syncwarp, each warp on its own), so every warp runs the same number of stages (empty ones where
+// its list is shorter); the kernels synchronise the block after fd_st_run before reading other warps'
+// results.
 #define FD_SW 4       // warps per block of the stream kernels (128 threads of 32 lanes, or 256 of 64)
 #define FD_SB 2048    // ring bytes per row per stage
 #define FD_SS 2       // ring stages (FD_SS - 1 in flight while one is computed)
 #define FD_SXS 4096   // d_model bound of the kernels that stage x (FdXsN<FD_SXS>: static shared <= 48 KiB)
+
+// The ring's barrier between a stage's copies and its reads, and between its reads and the refill of
+// its slot. Each warp copies into and reads from its own slots only, so a warp barrier is enough; the
+// default build still takes the block's (the warps advance in lockstep). Built with FD_ST_WARP=1
+// (tune "st_warp", CUDA and the CPU emulator): __syncwarp, so each warp runs ahead on its own ring.
+// On HIP the ring's copies are plain stores and the block barrier stays.
+RF_DEV void fd_st_bar() {
+#if defined(FD_ST_WARP) && FD_ST_WARP && defined(RF_CUDA)
+    __syncwarp();
+#elif defined(FD_ST_WARP) && FD_ST_WARP && defined(RF_HOST_EMU)
+    emu_syncwarp();
+#else
+    __syncthreads();
+#endif
+}
 
 // 16 bytes global -> shared, asynchronously where the device can (dst, src 16-byte aligned)
 RF_DEV void fd_cp16(void* dst, const void* src) {
@@ -1257,7 +1274,7 @@ RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const
     for (int i = 0; i < n_items; ++i) {  // block-uniform
         fd_st_issue<D>(R, i + S - 1, n_items, nst, C, seg);
         fd_cp_wait<S - 1>();
-        __syncthreads();  // stage i of every warp has landed
+        fd_st_bar();  // stage i of this warp (every warp: block barrier) has landed
         FdSeg sg;
         const int k = i / nst, st = i - k * nst;
         if (seg(k, sg)) {  // warp-uniform
@@ -1286,7 +1303,7 @@ RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const
                 acc[0] = acc[1] = 0.0f;
             }
         }
-        __syncthreads();  // the slot of stage i is refilled by the next iteration's issue
+        fd_st_bar();  // the slot of stage i is refilled by the next iteration's issue
     }
     fd_cp_wait<0>();
 }

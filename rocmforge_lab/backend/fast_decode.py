@@ -97,6 +97,7 @@ KS_UNITS = 4            # units per lane before a matvec row is split over more 
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
+ST_WARP_DEFAULT = 0     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
 ATT_MERGE1 = 0x20000    # FD_ATT_MERGE1: fd_attn's hpb flag, the one-pass merge (tune "att_merge1")
 ATT_MERGE1_DEFAULT = 0
@@ -420,6 +421,8 @@ class DecodePlan:
             opts.append("-DFD_FENCE_AR=1")
         if int(self.tune.get("ldcg", LDCG_DEFAULT)):  # fd_ld_l2: ld.global.cg, not volatile loads
             opts.append("-DFD_LDCG=1")
+        if int(self.tune.get("st_warp", ST_WARP_DEFAULT)):  # fd_st_bar: each warp runs its own ring
+            opts.append("-DFD_ST_WARP=1")
         return tuple(opts)
 
     @property

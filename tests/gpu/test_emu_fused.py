@@ -26,10 +26,12 @@ pytestmark = pytest.mark.skipif(not E.available(), reason="g++ not found: the CP
 _mods: dict = {}
 
 
-def mod(ws=32):
-    if ws not in _mods:
-        _mods[ws] = E.EmuModule("fused_decode", ws)
-    return _mods[ws]
+def mod(ws=32, st_warp=0):
+    """The emulated module for warp size ws; st_warp 1: the FD_ST_WARP build (the stream ring's
+    barrier per warp, tune "st_warp")."""
+    if (ws, st_warp) not in _mods:
+        _mods[ws, st_warp] = E.EmuModule("fused_decode", ws, defines={"FD_ST_WARP": "1"} if st_warp else None)
+    return _mods[ws, st_warp]
 
 
 FAST = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
@@ -120,6 +122,8 @@ def test_build_variant_options():
     assert plan.compile_options == ("-DFD_PF_L1=1",)
     plan.tune = {"fence_ar": 1, "ldcg": 1}
     assert plan.compile_options == ("-DFD_FENCE_AR=1", "-DFD_LDCG=1")
+    plan.tune = {"st_warp": 1}
+    assert plan.compile_options == ("-DFD_ST_WARP=1",)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -155,7 +159,7 @@ def test_emu_fused_matvec_tail():
     assert np.all(np.abs(_dequant_x(out) - n) <= 2e-5 * np.abs(n).max())
 
 
-def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12):
+def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_warp=0):
     """act = silu(W_gate n) * (W_up n), n = RMSNorm(x) * w, and its quantized copy, on the emulator
     against float64 NumPy; then with the done flag set the kernel writes nothing."""
     rng = np.random.default_rng(seed)
@@ -170,7 +174,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12):
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
     args = (arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou, R.row_bytes(tu, d), ff)
-    mod(ws).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g (result 0)
@@ -182,7 +186,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12):
     assert np.all(np.abs(_dequant_x(out) - act) <= 2e-5 * np.abs(act).max())  # its quantized copy
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod(ws).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
     assert np.all(act2 == 7.0)
 
 
@@ -202,12 +206,14 @@ def test_emu_fused_gate_up_qwen05b_rows(threads, lpr):
 
 # The stream engine (fd_st_run): rows copied through a ring of shared-memory stages. d 4096: two
 # stages of 8 Q4_K blocks per row pair; 768: one stage of 3; warp size 64: 2 warps of 16 row pairs.
-@pytest.mark.parametrize("d,ff,ws", [(768, 64, 32), (4096, 32, 32), (768, 32, 64)])
-def test_emu_stream_gate_up(d, ff, ws):
-    _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws)
+# st_warp 1: the FD_ST_WARP build (each warp runs its own ring, no block barrier per stage).
+@pytest.mark.parametrize("d,ff,ws,st_warp", [(768, 64, 32, 0), (4096, 32, 32, 0), (768, 32, 64, 0),
+                                             (4096, 32, 32, 1)])
+def test_emu_stream_gate_up(d, ff, ws, st_warp):
+    _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws, st_warp=st_warp)
 
 
-def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed):
+def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0):
     """fd_matvec_s_<q>: y (+)= W x for rows in runs of rpb per block, each row's blocks split over
     the block's warps, against float64 NumPy (tolerance as _check_emu_matvec's)."""
     rng = np.random.default_rng(seed)
@@ -221,7 +227,7 @@ def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed):
     kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}"
     for acc in (0, 1):
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
-        mod(ws).launch(kern, (-(-rows // rpb),), (128,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols, *X,
+        mod(ws, st_warp).launch(kern, (-(-rows // rpb),), (128,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols, *X,
                        y, acc, rpb)
         err = np.abs(y - (ref @ x + (base if acc else 0.0)))
         assert np.all(err <= tol), (qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
@@ -236,12 +242,19 @@ def test_emu_stream_matvec(qtype, rows, cols, rpb, ws):
     _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, rows + cols)
 
 
-@pytest.mark.parametrize("qtype,d,vocab,grid,ws", [("Q6_K", 768, 37, 3, 32), ("Q4_K", 4096, 21, 2, 32),
-                                                   ("Q6_K", 2560, 45, 2, 64)])
-def test_emu_stream_output(qtype, d, vocab, grid, ws):
+@pytest.mark.parametrize("qtype,rows,cols,rpb", [("Q6_K", 45, 768, 40), ("Q4_K", 7, 10240, 3)])
+def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb):
+    """The FD_ST_WARP build: warps without blocks, several stages per warp and two rounds of rows, each
+    warp on its own ring."""
+    _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1)
+
+
+@pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp", [("Q6_K", 768, 37, 3, 32, 0), ("Q4_K", 4096, 21, 2, 32, 0),
+                                                           ("Q6_K", 2560, 45, 2, 64, 0), ("Q6_K", 768, 37, 3, 32, 1)])
+def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp):
     """fd_output_s_<q>: logits = W RMSNorm(x) * w over contiguous row-pair ranges per warp (odd vocab:
     the last pair has one row), the argmax token and state update of the last block, and the token's
-    embedding row written into the residual."""
+    embedding row written into the residual (st_warp 1: the FD_ST_WARP build)."""
     rng = np.random.default_rng(vocab)
     raw = R.random_tensor(qtype, vocab, d, rng)
     W = R.dequant_ref(raw, qtype, vocab, d).astype(np.float64)
@@ -255,7 +268,7 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws):
     part_v, part_i, cnt = np.zeros(grid, np.float32), np.zeros(grid, np.int32), np.zeros(1, np.int32)
     tokens, stop = np.full(8, -1, np.int32), np.full(4, -1, np.int32)
     kern = f"fd_output_s_{qtype.replace('_', '').lower()}"
-    mod(ws).launch(kern, (grid,), (128,), arena, state, resid, no, 1e-5, d, QTYPE_ID[qtype], wo, R.row_bytes(qtype, d),
+    mod(ws, st_warp).launch(kern, (grid,), (128,), arena, state, resid, no, 1e-5, d, QTYPE_ID[qtype], wo, R.row_bytes(qtype, d),
                    vocab, logits, part_v, part_i, cnt, tokens, stop, 4, QTYPE_ID["F32"], eo, 4 * d, 0)
     n = R.rms_norm_ref(x, nw, 1e-5)
     want = W @ n
@@ -450,7 +463,8 @@ class EmuDecoder:
 PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream": 0}),  # the wide engine
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
-              ("qwen2", "q4_k_m", "f16", {"pf_l1": 1})]  # a build variant (compile_options; on the CPU a define only)
+              ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
+              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1})]  # the stream kernels, one ring per warp
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 

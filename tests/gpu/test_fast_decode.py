@@ -416,6 +416,8 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                # one merge per KV head and head slice (the 7B: 2 slices of 4 / 3 heads per KV head)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_zmerge": 1, "merge_max": 0}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_merge1": 1, "merge_max": 0}),
+               # the stream kernels (gate/up, down, output) with one ring per warp (FD_ST_WARP)
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "st_warp": 1}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2})]
 
 

@@ -95,6 +95,8 @@ inline int rf_shfl_int(int v, int src) {
     emu_warp_bars[w]->arrive_and_wait();
     return r;
 }
+// __syncwarp: a barrier of this thread's warp
+inline void emu_syncwarp() { emu_warp_bars[emu_warp_index()]->arrive_and_wait(); }
 inline float rf_shfl_xor(float v, int m) { return rf_shfl(v, (emu_tid % WARP_SIZE) ^ m); }
 inline int rf_shfl_xor_int(int v, int m) { return rf_shfl_int(v, (emu_tid % WARP_SIZE) ^ m); }
 

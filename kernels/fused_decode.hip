@@ -55,7 +55,7 @@
 // looping over the chunks, and prefetching each task's next rows into L2 (275-280). FD_PF_FIRST in
 // bits 8.. of fd_gate_up's lpr argument: its prologue prefetches only each group's first row pair.
 // The stream engine (fd_st_run; kernels fd_gate_up_s_q4k, fd_matvec_s_q4k / _q6k, fd_output_s_q4k /
-// _q6k, and _v1 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
+// _q6k, and _v1 / _v2 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
 // with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers. H100, 7B shape
 // (benchmarks/RESULTS.md v8): the gate/up kernel is faster (the decode plan's default where
 // asynchronous copies exist), the down kernel slower and the output kernel no faster in the graph.
@@ -2377,6 +2377,12 @@ RF_KERNEL void fd_gate_up_s_q4k_v1(FD_GATE_UP_ARGS) {
     (void)tg; (void)tu; (void)d_ff; (void)lpr;
     fd_gate_up_s_impl<3, 1024>(FD_GATE_UP_S_PASS);
 }
+// _v2: 4 stages of 1024 bytes per row (the shared memory of the default's 2 x 2048: three stages in
+// flight while one is computed, 6 KiB per warp of the 7B's row pairs instead of 4)
+RF_KERNEL void fd_gate_up_s_q4k_v2(FD_GATE_UP_ARGS) {
+    (void)tg; (void)tu; (void)d_ff; (void)lpr;
+    fd_gate_up_s_impl<4, 1024>(FD_GATE_UP_S_PASS);
+}
 
 // fd_output_s_<q>: fd_output's work (d <= FD_SXS); warp w of the grid's W streams the row pairs
 // [w T / W, (w+1) T / W) of the T = ceil(vocab / 2) pairs (one wave of blocks). Same arguments (lpr unused).
@@ -2441,6 +2447,14 @@ RF_KERNEL void fd_output_s_q4k_v1(FD_OUTPUT_ARGS) {
     (void)t; (void)lpr;
     fd_output_s_impl<W4K, 3, 1024>(FD_OUTPUT_S_PASS);
 }
+RF_KERNEL void fd_output_s_q6k_v2(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W6K, 4, 1024>(FD_OUTPUT_S_PASS);
+}
+RF_KERNEL void fd_output_s_q4k_v2(FD_OUTPUT_ARGS) {
+    (void)t; (void)lpr;
+    fd_output_s_impl<W4K, 4, 1024>(FD_OUTPUT_S_PASS);
+}
 
 // fd_matvec_s_<q>: y[r] (+)= W[r] . x for the rows r0 .. r0 + rpb - 1 of block b (r0 = b rpb), x the
 // quantized vector (xh, xl, xs, xsum; the down projection's input); each row's blocks are split over
@@ -2501,3 +2515,6 @@ RF_KERNEL void fd_matvec_s_q4k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 3, FD_S
 RF_KERNEL void fd_matvec_s_q6k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 3, FD_SB>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q4k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 4, 1024>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1024>(FD_MATVEC_S_PASS); }
+// _v2: 6 stages of 1024 bytes (the default's 3 x 2048 of shared memory; five stages in flight)
+RF_KERNEL void fd_matvec_s_q4k_v2(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 6, 1024>(FD_MATVEC_S_PASS); }
+RF_KERNEL void fd_matvec_s_q6k_v2(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 6, 1024>(FD_MATVEC_S_PASS); }

@@ -213,7 +213,15 @@ def test_emu_stream_gate_up(d, ff, ws, st_warp):
     _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws, st_warp=st_warp)
 
 
-def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0):
+@pytest.mark.parametrize("st_warp", [0, 1])
+def test_emu_stream_v2(st_warp):
+    """The "_v2" stream kernels (4 / 6 ring stages of 1 KiB): gate/up with 3 stages per row pair,
+    down with several stages per warp and two rounds of rows, in the default and FD_ST_WARP builds."""
+    _check_emu_gate_up("Q4_K", "Q4_K", 4096, 32, "fd_gate_up_s_q4k_v2", 128, 0, seed=5, st_warp=st_warp)
+    _check_emu_stream_matvec("Q6_K", 45, 4608, 40, 32, 9, st_warp=st_warp, v="_v2")
+
+
+def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
     """fd_matvec_s_<q>: y (+)= W x for rows in runs of rpb per block, each row's blocks split over
     the block's warps, against float64 NumPy (tolerance as _check_emu_matvec's)."""
     rng = np.random.default_rng(seed)
@@ -224,7 +232,7 @@ def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0):
     base = rng.standard_normal(rows).astype(np.float32)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(mod(ws), x)
-    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}"
+    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}"
     for acc in (0, 1):
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
         mod(ws, st_warp).launch(kern, (-(-rows // rpb),), (128,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols, *X,

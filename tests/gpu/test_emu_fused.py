@@ -213,12 +213,16 @@ def test_emu_stream_gate_up(d, ff, ws, st_warp):
     _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws, st_warp=st_warp)
 
 
+@pytest.mark.parametrize("v", ["_v2", "_v3"])
 @pytest.mark.parametrize("st_warp", [0, 1])
-def test_emu_stream_v2(st_warp):
-    """The "_v2" stream kernels (4 / 6 ring stages of 1 KiB): gate/up with 3 stages per row pair,
-    down with several stages per warp and two rounds of rows, in the default and FD_ST_WARP builds."""
-    _check_emu_gate_up("Q4_K", "Q4_K", 4096, 32, "fd_gate_up_s_q4k_v2", 128, 0, seed=5, st_warp=st_warp)
-    _check_emu_stream_matvec("Q6_K", 45, 4608, 40, 32, 9, st_warp=st_warp, v="_v2")
+def test_emu_stream_v2_v3(st_warp, v):
+    """The "_v2" stream kernels (4 / 6 ring stages of 1 KiB) and "_v3" (the same ring, register
+    release: a lane's unit moves to registers and its slot is refilled before the math): gate/up with
+    3 stages per row pair, down with several stages per warp and two rounds of rows, in the default and
+    FD_ST_WARP builds."""
+    _check_emu_gate_up("Q4_K", "Q4_K", 4096, 32, "fd_gate_up_s_q4k" + v, 128, 0, seed=5, st_warp=st_warp)
+    _check_emu_stream_matvec("Q6_K", 45, 4608, 40, 32, 9, st_warp=st_warp, v=v)
+    _check_emu_stream_matvec("Q4_K", 9, 10240, 4, 64, 10, st_warp=st_warp, v=v)
 
 
 def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
@@ -257,9 +261,10 @@ def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb):
     _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1)
 
 
-@pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp", [("Q6_K", 768, 37, 3, 32, 0), ("Q4_K", 4096, 21, 2, 32, 0),
-                                                           ("Q6_K", 2560, 45, 2, 64, 0), ("Q6_K", 768, 37, 3, 32, 1)])
-def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp):
+@pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp,v", [
+    ("Q6_K", 768, 37, 3, 32, 0, ""), ("Q4_K", 4096, 21, 2, 32, 0, ""), ("Q6_K", 2560, 45, 2, 64, 0, ""),
+    ("Q6_K", 768, 37, 3, 32, 1, ""), ("Q6_K", 2560, 37, 3, 32, 1, "_v3"), ("Q4_K", 4096, 21, 2, 32, 0, "_v3")])
+def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp, v):
     """fd_output_s_<q>: logits = W RMSNorm(x) * w over contiguous row-pair ranges per warp (odd vocab:
     the last pair has one row), the argmax token and state update of the last block, and the token's
     embedding row written into the residual (st_warp 1: the FD_ST_WARP build)."""
@@ -275,7 +280,7 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp):
     logits = np.full(vocab, np.nan, np.float32)
     part_v, part_i, cnt = np.zeros(grid, np.float32), np.zeros(grid, np.int32), np.zeros(1, np.int32)
     tokens, stop = np.full(8, -1, np.int32), np.full(4, -1, np.int32)
-    kern = f"fd_output_s_{qtype.replace('_', '').lower()}"
+    kern = f"fd_output_s_{qtype.replace('_', '').lower()}{v}"
     mod(ws, st_warp).launch(kern, (grid,), (128,), arena, state, resid, no, 1e-5, d, QTYPE_ID[qtype], wo, R.row_bytes(qtype, d),
                    vocab, logits, part_v, part_i, cnt, tokens, stop, 4, QTYPE_ID["F32"], eo, 4 * d, 0)
     n = R.rms_norm_ref(x, nw, 1e-5)

@@ -1281,17 +1281,17 @@ RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const
         fd_st_bar();  // stage i of this warp (every warp: block barrier) has landed
         FdSeg sg;
         const int k = i / nst, st = i - k * nst;
-        const bool has = seg(k, sg);  // warp-uniform
-        int s0 = 0, nu = 0;
-        const rf_u8* base[2] = {nullptr, nullptr};
-        if (has) {
-            s0 = sg.b0 + st * C;
-            nu = max(min(s0 + C, sg.b1) - s0, 0) * D::UPB;
-#pragma unroll
-            for (int r = 0; r < NROW; ++r)
-                base[r] = R.b[i % S][rf_warp()][r] + ((unsigned long long)(sg.p[r] + (rf_i64)s0 * D::BS) & 15);
-        }
         if (RR) {
+            const bool has = seg(k, sg);  // warp-uniform
+            int s0 = 0, nu = 0;
+            const rf_u8* base[2] = {nullptr, nullptr};
+            if (has) {
+                s0 = sg.b0 + st * C;
+                nu = max(min(s0 + C, sg.b1) - s0, 0) * D::UPB;
+#pragma unroll
+                for (int r = 0; r < NROW; ++r)
+                    base[r] = R.b[i % S][rf_warp()][r] + ((unsigned long long)(sg.p[r] + (rf_i64)s0 * D::BS) & 15);
+            }
             const bool mine = lane < nu;
             const int bl = lane / D::UPB, j = lane - bl * D::UPB;
             typename D::W w[NROW];
@@ -1309,7 +1309,21 @@ RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const
                 for (int r = 0; r < NROW; ++r)
                     acc[r] += D::dot(w[r], j, h, l, s, sum, 8 * (int)((unsigned long long)(base[r] + bl * D::BS) & 2));
             }
-        } else {
+            if (has && st == nst - 1) {
+                const float va = rf_warp_sum(acc[0]);
+                const float vb = NROW == 2 ? rf_warp_sum(acc[1]) : 0.0f;
+                emit(k, va, vb);
+                acc[0] = acc[1] = 0.0f;
+            }
+            continue;
+        }
+        if (seg(k, sg)) {  // warp-uniform
+            const int s0 = sg.b0 + st * C, s1 = min(s0 + C, sg.b1);
+            const int nu = max(s1 - s0, 0) * D::UPB;
+            const rf_u8* base[2];
+#pragma unroll
+            for (int r = 0; r < NROW; ++r)
+                base[r] = R.b[i % S][rf_warp()][r] + ((unsigned long long)(sg.p[r] + (rf_i64)s0 * D::BS) & 15);
             for (int u = lane; u < nu; u += WARP_SIZE) {
                 const int bl = u / D::UPB, j = u - bl * D::UPB;
                 typename D::W w[NROW];
@@ -1322,14 +1336,14 @@ RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const
                 for (int r = 0; r < NROW; ++r)
                     acc[r] += D::dot(w[r], j, h, l, s, sum, 8 * (int)((unsigned long long)(base[r] + bl * D::BS) & 2));
             }
+            if (st == nst - 1) {
+                const float va = rf_warp_sum(acc[0]);
+                const float vb = NROW == 2 ? rf_warp_sum(acc[1]) : 0.0f;
+                emit(k, va, vb);
+                acc[0] = acc[1] = 0.0f;
+            }
         }
-        if (has && st == nst - 1) {
-            const float va = rf_warp_sum(acc[0]);
-            const float vb = NROW == 2 ? rf_warp_sum(acc[1]) : 0.0f;
-            emit(k, va, vb);
-            acc[0] = acc[1] = 0.0f;
-        }
-        if (!RR) fd_st_bar();  // the slot of stage i is refilled by the next iteration's issue
+        fd_st_bar();  // the slot of stage i is refilled by the next iteration's issue
     }
     fd_cp_wait<0>();
 }

@@ -413,7 +413,9 @@ class DecodePlan:
     def compile_options(self) -> tuple[str, ...]:
         """Extra compiler options of the kernel module (each set is a build of its own; tune "pf_l1"
         1: the weight prefetches go to L1 as well as L2, FD_PF_L1. H100, graph+PDL: 1,486 / 1,146 /
-        289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default)."""
+        289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default); "fence_ar",
+        "ldcg": the last-block pattern's fences / loads (FD_FENCE_AR, FD_LDCG); "st_warp" 1: the stream
+        kernels' ring barrier per warp instead of per block (FD_ST_WARP, CUDA)."""
         opts = []
         if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
             opts.append("-DFD_PF_L1=1")

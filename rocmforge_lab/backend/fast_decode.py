@@ -86,8 +86,9 @@ STREAM_XS_MAX = 4096  # FD_SXS: largest d_model of the stream kernels that stage
 STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 # stream kernels by default per kind (tune "stream" / "stream_<kind>" override). H100, graph+PDL, 7B
 # shape (benchmarks/RESULTS.md v8): gate/up 278 -> 290 tok/s; output no change in the graph (277);
-# down slower (stream 1: 239, stream 1 without down: 288).
-STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 0}
+# down slower (stream 1: 239, stream 1 without down: 288). v11, with the per-warp ring (st_warp) and
+# the one-pass attention merge: output 309 -> 311-313 tok/s (on); down 264 (off).
+STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
@@ -97,10 +98,11 @@ KS_UNITS = 4            # units per lane before a matvec row is split over more 
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
-ST_WARP_DEFAULT = 0     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
+ST_WARP_DEFAULT = 1     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
 ATT_MERGE1 = 0x20000    # FD_ATT_MERGE1: fd_attn's hpb flag, the one-pass merge (tune "att_merge1")
-ATT_MERGE1_DEFAULT = 0
+ATT_MERGE1_DEFAULT = 1  # tune "att_merge1" (H100, 7B shape: 305-306 vs 296-300 tok/s; attention alone, merging
+                        # at position 640: 10.6 vs 12.7 us (7B), 8.0 vs 13.6 us (SmolLM2); RESULTS.md v11)
 ATT_ZMERGE_DEFAULT = 1  # tune "att_zmerge" (DecodePlan.att_zmerge; H100, 7B shape: 296-298 vs 289-290 tok/s)
 MERGE_MAX = 12288     # FD_MERGE_MAX: splits x n_head x head_dim merged by each o-projection block
 MAX_STOP = 16           # stop ids the device checks (unused slots hold -1)
@@ -183,6 +185,26 @@ def lanes_per_row(cols: int, warp_size: int = 32) -> int:
     units = cols // 32
     lpr = 32 if units >= 24 else (16 if units >= 12 else 8)
     return min(lpr, warp_size)
+
+
+def build_options(tune: dict) -> tuple[str, ...]:
+    """Extra compiler options of the kernel module for `tune` (each set is a build of its own:
+    kernels.get_function's cache key holds them; `build_options({})` is the default build).
+    "pf_l1" 1: the weight prefetches go to L1 as well as L2, FD_PF_L1 (H100, graph+PDL: 1,486 / 1,146
+    / 289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default); "fence_ar",
+    "ldcg": the last-block pattern's fences / loads (FD_FENCE_AR, FD_LDCG; off); "st_warp": the stream
+    kernels' ring barrier per warp instead of per block (FD_ST_WARP; CUDA; on: H100, 7B shape, 309 vs
+    305-306 tok/s, see benchmarks/RESULTS.md v11)."""
+    opts = []
+    if int(tune.get("pf_l1", PF_L1_DEFAULT)):
+        opts.append("-DFD_PF_L1=1")
+    if int(tune.get("fence_ar", FENCE_AR_DEFAULT)):  # fd_fence: fence.acq_rel.gpu, not fence.sc
+        opts.append("-DFD_FENCE_AR=1")
+    if int(tune.get("ldcg", LDCG_DEFAULT)):  # fd_ld_l2: ld.global.cg, not volatile loads
+        opts.append("-DFD_LDCG=1")
+    if int(tune.get("st_warp", ST_WARP_DEFAULT)):  # fd_st_bar: each warp runs its own ring
+        opts.append("-DFD_ST_WARP=1")
+    return tuple(opts)
 
 
 @dataclass
@@ -411,21 +433,8 @@ class DecodePlan:
 
     @property
     def compile_options(self) -> tuple[str, ...]:
-        """Extra compiler options of the kernel module (each set is a build of its own; tune "pf_l1"
-        1: the weight prefetches go to L1 as well as L2, FD_PF_L1. H100, graph+PDL: 1,486 / 1,146 /
-        289 tok/s vs 1,508 / 1,150 / 289 for the three benchmark shapes, so off by default); "fence_ar",
-        "ldcg": the last-block pattern's fences / loads (FD_FENCE_AR, FD_LDCG); "st_warp" 1: the stream
-        kernels' ring barrier per warp instead of per block (FD_ST_WARP, CUDA)."""
-        opts = []
-        if int(self.tune.get("pf_l1", PF_L1_DEFAULT)):
-            opts.append("-DFD_PF_L1=1")
-        if int(self.tune.get("fence_ar", FENCE_AR_DEFAULT)):  # fd_fence: fence.acq_rel.gpu, not fence.sc
-            opts.append("-DFD_FENCE_AR=1")
-        if int(self.tune.get("ldcg", LDCG_DEFAULT)):  # fd_ld_l2: ld.global.cg, not volatile loads
-            opts.append("-DFD_LDCG=1")
-        if int(self.tune.get("st_warp", ST_WARP_DEFAULT)):  # fd_st_bar: each warp runs its own ring
-            opts.append("-DFD_ST_WARP=1")
-        return tuple(opts)
+        """Extra compiler options of the kernel module for this plan's tune (`build_options`)."""
+        return build_options(self.tune)
 
     @property
     def att_hpb(self) -> int:

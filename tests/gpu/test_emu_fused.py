@@ -108,22 +108,24 @@ def test_emu_fused_matvec(qtype):
 
 
 def test_build_variant_options():
-    """DecodePlan.compile_options: the default build has no extra options; tune pf_l1 selects the
-    FD_PF_L1 build (a module of its own: kernels.get_function's cache key holds the options)."""
+    """DecodePlan.compile_options (fast_decode.build_options): the default build is the FD_ST_WARP
+    one; tune pf_l1 adds FD_PF_L1 (a module of its own: kernels.get_function's cache key holds the
+    options), st_warp 0 gives the build without options."""
     from rocmforge_lab.backend import fast_decode as F
     from rocmforge_lab.backend import kernels as K
 
     src = (K.kernels_dir() / "fused_decode.hip").read_text()
     assert "#if defined(RF_CUDA) && defined(FD_PF_L1) && FD_PF_L1" in src
+    assert "#if defined(FD_ST_WARP) && FD_ST_WARP && defined(RF_CUDA)" in src
     plan = F.DecodePlan.__new__(F.DecodePlan)  # compile_options reads only the tune
     plan.tune = {}
+    assert plan.compile_options == F.build_options({}) == ("-DFD_ST_WARP=1",)
+    plan.tune = {"st_warp": 0}
     assert plan.compile_options == ()
     plan.tune = {"pf_l1": 1}
-    assert plan.compile_options == ("-DFD_PF_L1=1",)
-    plan.tune = {"fence_ar": 1, "ldcg": 1}
+    assert plan.compile_options == ("-DFD_PF_L1=1", "-DFD_ST_WARP=1")
+    plan.tune = {"fence_ar": 1, "ldcg": 1, "st_warp": 0}
     assert plan.compile_options == ("-DFD_FENCE_AR=1", "-DFD_LDCG=1")
-    plan.tune = {"st_warp": 1}
-    assert plan.compile_options == ("-DFD_ST_WARP=1",)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -375,7 +377,8 @@ def test_attention_grid_for_positions(m, n_split, want):
 def test_stream_gate_up_default_needs_async_copies(tmp_path):
     """DecodePlan's default gate/up kernel for an all-Q4_K model with d_model % 256 == 0: the stream
     kernel (STREAM_DEFAULTS) where the device has asynchronous copies (async_copy: CUDA sm_80+), the
-    wide kernel elsewhere (HIP); tune "stream_gate_up" overrides either way. Down / output stay off."""
+    wide kernel elsewhere (HIP); tune "stream_gate_up" overrides either way. The output likewise
+    (stream by default with asynchronous copies, tune "stream_output"); down stays off."""
     from rocmforge_lab import synth
     from rocmforge_lab.backend.fast_decode import DecodePlan
 
@@ -390,10 +393,12 @@ def test_stream_gate_up_default_needs_async_copies(tmp_path):
     on, off = kernels(True), kernels(False)
     assert on["gate_up"] == {"fd_gate_up_s_q4k"}, on
     assert off["gate_up"] == {"fd_gate_up_w1_q4k"}, off
-    assert on["down"] == off["down"] and on["output"] == off["output"]
-    assert not any("_s_q" in k for k in on["down"] | on["output"])
+    assert on["down"] == off["down"] and not any("_s_q" in k for k in on["down"])
+    assert len(on["output"]) == 1 and next(iter(on["output"])).startswith("fd_output_s_q"), on
+    assert not any("_s_q" in k for k in off["output"]), off
     assert kernels(True, stream_gate_up=0)["gate_up"] == off["gate_up"]
     assert kernels(False, stream_gate_up=1)["gate_up"] == on["gate_up"]
+    assert kernels(True, stream_output=0)["output"] == off["output"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,10 +24,13 @@ QID = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8
        "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30, "MXFP4": 39}
 
 
-def _fn(name):
+def _fn(name, build=None):
+    """Kernel `name` of fused_decode.hip, from the decoder's default build (fast_decode.build_options)
+    unless `build` (a tuple of compiler options) names another."""
     from rocmforge_lab.backend import kernels as K
+    from rocmforge_lab.backend.fast_decode import build_options
 
-    return K.get_function("fused_decode", name)
+    return K.get_function("fused_decode", name, build_options({}) if build is None else build)
 
 
 def _arena(*raws):
@@ -415,9 +418,10 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"fence_ar": 1, "ldcg": 1, "merge_max": 0}),
                # one merge per KV head and head slice (the 7B: 2 slices of 4 / 3 heads per KV head)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_zmerge": 1, "merge_max": 0}),
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_merge1": 1, "merge_max": 0}),
-               # the stream kernels (gate/up, down, output) with one ring per warp (FD_ST_WARP)
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "st_warp": 1}),
+               # the two-pass merge (the default is the one-pass merge, FD_ATT_MERGE1)
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"att_merge1": 0, "merge_max": 0}),
+               # the stream kernels (gate/up, down, output) with the block barrier per stage (st_warp 0)
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "st_warp": 0}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "stream_v": 2, "st_warp": 1}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "stream_v": 3, "st_warp": 1}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2})]

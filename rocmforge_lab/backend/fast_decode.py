@@ -17,8 +17,8 @@ into the residual). No kernel has a serial "last block" phase but the output's a
     per-split partials (max, sum, V accumulation) and, while the valid splits x n_head x head_dim
     stay <= MERGE_MAX (12288 floats: ~1.3k / ~0.8k tokens for SmolLM2 / Qwen2.5-0.5B shapes),
     every o-proj block merges them itself ("late merge"); beyond that the attention's last block per
-    KV head and head slice merges and quantizes that slice's output (`DecodePlan.merge_max`,
-    `DecodePlan.att_zmerge`; both kernels decide from the
+    KV head and head slice merges (in one pass over the splits, rescaling online) and quantizes that
+    slice's output (`DecodePlan.merge_max`, `DecodePlan.att_zmerge`; both kernels decide from the
     position, so one graph serves every position);
   * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection.
 Matvecs stream their weights from the GGUF block layout with dp4a on the staged activations; long
@@ -26,10 +26,12 @@ rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the
 All-Q4_K gate/up and Q4_K / Q6_K output layers take the "wide" kernels (64-value units, all loads of
 a unit before its math: `DecodePlan._wide_name`, tune "wide" / "wide_<kind>"), and the gate/up
 prologue prefetches only each lane group's first row pair into L2 (`DecodePlan.pf_flags`). An
-all-Q4_K gate/up whose d_model is a multiple of 256 (the 7B shape) takes the stream kernel instead
-(`fd_gate_up_s_q4k`: each warp's row pairs copied through a ring of shared-memory stages with
-asynchronous copies, the first stages issued before the programmatic-launch wait; the down / output
-stream kernels are opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`).
+all-Q4_K gate/up and an all-Q4_K or all-Q6_K output layer whose d_model is a multiple of 256 (the 7B
+shape) take the stream kernels instead where the device has asynchronous copies (`fd_gate_up_s_q4k`,
+`fd_output_s_q6k`: each warp's row pairs copied through its own ring of shared-memory stages with
+asynchronous copies, the first stages issued before the programmatic-launch wait; the default build
+`build_options({})` lets each warp run ahead on its ring, FD_ST_WARP; the down stream kernel is
+opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`).
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed

@@ -55,7 +55,7 @@
 // looping over the chunks, and prefetching each task's next rows into L2 (275-280). FD_PF_FIRST in
 // bits 8.. of fd_gate_up's lpr argument: its prologue prefetches only each group's first row pair.
 // The stream engine (fd_st_run; kernels fd_gate_up_s_q4k, fd_matvec_s_q4k / _q6k, fd_output_s_q4k /
-// _q6k, and _v1 / _v2 / _v3 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
+// _q6k, and _v1 variants) copies each warp's Q4_K / Q6_K rows through a ring of shared-memory stages
 // with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers. H100, 7B shape
 // (benchmarks/RESULTS.md v8): the gate/up kernel is faster (the decode plan's default where
 // asynchronous copies exist), the down kernel slower and the output kernel no faster in the graph.
@@ -1257,66 +1257,26 @@ RF_DEV void fd_st_issue(FdRing<NROW, S, SB>& R, int i, int n_items, int nst, int
     fd_cp_commit();  // one group per stage, empty or not: the wait below counts groups
 }
 
-// The ring's first S - 1 stages (RR: all S; before fd_pdl_wait: they read weights only).
-template <class D, bool RR, int NROW, int S, int SB, class SegF>
+// The ring's first S - 1 stages (before fd_pdl_wait: they read weights only).
+template <class D, int NROW, int S, int SB, class SegF>
 RF_DEV void fd_st_start(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const SegF& seg) {
 #pragma unroll
-    for (int i = 0; i < S - 1 + RR; ++i) fd_st_issue<D>(R, i, n_items, nst, C, seg);
+    for (int i = 0; i < S - 1; ++i) fd_st_issue<D>(R, i, n_items, nst, C, seg);
 }
 
-// Stages 0 .. n_items - 1 of this warp (n_items block-uniform; fd_st_start issued the first ones):
+// Stages 0 .. n_items - 1 of this warp (n_items block-uniform; fd_st_start issued the first S - 1):
 // emit(k, dot_a, dot_b) on every lane after segment k's last stage.
-// RR ("register release", the _v3 kernels): a stage holds at most one unit per lane; each lane moves
-// its unit's weights into registers, and the slot is refilled (stage i + S) before the math, so all
-// S stages are in flight while a warp computes instead of S - 1.
-template <class D, bool RR, int NROW, int S, int SB, class SegF, class EmitF>
+template <class D, int NROW, int S, int SB, class SegF, class EmitF>
 RF_DEV void fd_st_run(FdRing<NROW, S, SB>& R, int n_items, int nst, int C, const SegF& seg, const FdX& X,
                       const EmitF& emit) {
-    static_assert(!RR || ((SB - 16) / D::BS) * D::UPB <= WARP_SIZE, "RR: at most one unit per lane and stage");
     const int lane = rf_lane();
     float acc[2] = {0.0f, 0.0f};
     for (int i = 0; i < n_items; ++i) {  // block-uniform
-        if (!RR) fd_st_issue<D>(R, i + S - 1, n_items, nst, C, seg);
+        fd_st_issue<D>(R, i + S - 1, n_items, nst, C, seg);
         fd_cp_wait<S - 1>();
         fd_st_bar();  // stage i of this warp (every warp: block barrier) has landed
         FdSeg sg;
         const int k = i / nst, st = i - k * nst;
-        if (RR) {
-            const bool has = seg(k, sg);  // warp-uniform
-            int s0 = 0, nu = 0;
-            const rf_u8* base[2] = {nullptr, nullptr};
-            if (has) {
-                s0 = sg.b0 + st * C;
-                nu = max(min(s0 + C, sg.b1) - s0, 0) * D::UPB;
-#pragma unroll
-                for (int r = 0; r < NROW; ++r)
-                    base[r] = R.b[i % S][rf_warp()][r] + ((unsigned long long)(sg.p[r] + (rf_i64)s0 * D::BS) & 15);
-            }
-            const bool mine = lane < nu;
-            const int bl = lane / D::UPB, j = lane - bl * D::UPB;
-            typename D::W w[NROW];
-            if (mine) {
-#pragma unroll
-                for (int r = 0; r < NROW; ++r) D::load(base[r] + bl * D::BS, j, w[r]);
-            }
-            fd_st_bar();  // every lane holds its unit: the slot takes stage i + S
-            fd_st_issue<D>(R, i + S, n_items, nst, C, seg);
-            if (mine) {
-                int h[16], l[16];
-                float s[D::NR], sum[D::NR];
-                D::ldx(X, (s0 + bl) * D::QK, j, h, l, s, sum);
-#pragma unroll
-                for (int r = 0; r < NROW; ++r)
-                    acc[r] += D::dot(w[r], j, h, l, s, sum, 8 * (int)((unsigned long long)(base[r] + bl * D::BS) & 2));
-            }
-            if (has && st == nst - 1) {
-                const float va = rf_warp_sum(acc[0]);
-                const float vb = NROW == 2 ? rf_warp_sum(acc[1]) : 0.0f;
-                emit(k, va, vb);
-                acc[0] = acc[1] = 0.0f;
-            }
-            continue;
-        }
         if (seg(k, sg)) {  // warp-uniform
             const int s0 = sg.b0 + st * C, s1 = min(s0 + C, sg.b1);
             const int nu = max(s1 - s0, 0) * D::UPB;
@@ -2370,7 +2330,7 @@ RF_KERNEL FD_LB(3) void fd_output_w1_q4k(FD_OUTPUT_ARGS) { fd_output_impl<false,
 // ---- the stream kernels (fd_st_run; Q4_K / Q6_K rows, 16-byte aligned Q4_K rows; see DecodePlan) ----
 // fd_gate_up_s_q4k: fd_gate_up's work (block b: rows 32b .. 32b+31 of gate and up, d <= FD_SXS);
 // each warp streams 32 / n_warps row pairs (gate[r], up[r]). Same arguments (lpr unused).
-template <int S, int SB, bool RR = false>
+template <int S, int SB>
 RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
                               const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, rf_i64 offg,
                               rf_i64 rbg, rf_i64 offu, rf_i64 rbu, float* __restrict__ act, int* oh, int* ol, float* os,
@@ -2393,7 +2353,7 @@ RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __rest
         sg.b1 = nb;
         return true;
     };
-    fd_st_start<W4K, RR>(ring, n_items, nst, C, seg);
+    fd_st_start<W4K>(ring, n_items, nst, C, seg);
     fd_pdl_sync();
     const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
@@ -2401,7 +2361,7 @@ RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __rest
         fd_cp_wait<0>();
         return;
     }
-    fd_st_run<W4K, RR>(ring, n_items, nst, C, seg, X, [&](int k, float vg, float vu) {
+    fd_st_run<W4K>(ring, n_items, nst, C, seg, X, [&](int k, float vg, float vu) {
         if (rf_lane() == 0) a32[k0 + k] = fd_swiglu(vg, vu);
     });
     __syncthreads();
@@ -2417,21 +2377,10 @@ RF_KERNEL void fd_gate_up_s_q4k_v1(FD_GATE_UP_ARGS) {
     (void)tg; (void)tu; (void)d_ff; (void)lpr;
     fd_gate_up_s_impl<3, 1024>(FD_GATE_UP_S_PASS);
 }
-// _v2: 4 stages of 1024 bytes per row (the shared memory of the default's 2 x 2048: three stages in
-// flight while one is computed, 6 KiB per warp of the 7B's row pairs instead of 4)
-RF_KERNEL void fd_gate_up_s_q4k_v2(FD_GATE_UP_ARGS) {
-    (void)tg; (void)tu; (void)d_ff; (void)lpr;
-    fd_gate_up_s_impl<4, 1024>(FD_GATE_UP_S_PASS);
-}
-// _v3: _v2's ring with register release (all 4 stages in flight while a warp computes)
-RF_KERNEL void fd_gate_up_s_q4k_v3(FD_GATE_UP_ARGS) {
-    (void)tg; (void)tu; (void)d_ff; (void)lpr;
-    fd_gate_up_s_impl<4, 1024, true>(FD_GATE_UP_S_PASS);
-}
 
 // fd_output_s_<q>: fd_output's work (d <= FD_SXS); warp w of the grid's W streams the row pairs
 // [w T / W, (w+1) T / W) of the T = ceil(vocab / 2) pairs (one wave of blocks). Same arguments (lpr unused).
-template <class D, int S, int SB, bool RR = false>
+template <class D, int S, int SB>
 RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
                              int d, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
                              int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
@@ -2457,7 +2406,7 @@ RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float*
         sg.b1 = nb;
         return true;
     };
-    fd_st_start<D, RR>(ring, n_items, nst, C, seg);
+    fd_st_start<D>(ring, n_items, nst, C, seg);
     fd_pdl_sync();
     const int done = state[FD_ST_DONE];
     const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
@@ -2467,7 +2416,7 @@ RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float*
     }
     float best = -RF_INF;
     int besti = 0x7fffffff;
-    fd_st_run<D, RR>(ring, n_items, nst, C, seg, X, [&](int k, float va, float vb) {
+    fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float vb) {
         if (rf_lane() == 0) fd_logit_pair(logits, vocab, 2 * (t0 + k), va, vb, best, besti);
     });
     fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
@@ -2492,28 +2441,12 @@ RF_KERNEL void fd_output_s_q4k_v1(FD_OUTPUT_ARGS) {
     (void)t; (void)lpr;
     fd_output_s_impl<W4K, 3, 1024>(FD_OUTPUT_S_PASS);
 }
-RF_KERNEL void fd_output_s_q6k_v2(FD_OUTPUT_ARGS) {
-    (void)t; (void)lpr;
-    fd_output_s_impl<W6K, 4, 1024>(FD_OUTPUT_S_PASS);
-}
-RF_KERNEL void fd_output_s_q4k_v2(FD_OUTPUT_ARGS) {
-    (void)t; (void)lpr;
-    fd_output_s_impl<W4K, 4, 1024>(FD_OUTPUT_S_PASS);
-}
-RF_KERNEL void fd_output_s_q6k_v3(FD_OUTPUT_ARGS) {
-    (void)t; (void)lpr;
-    fd_output_s_impl<W6K, 4, 1024, true>(FD_OUTPUT_S_PASS);
-}
-RF_KERNEL void fd_output_s_q4k_v3(FD_OUTPUT_ARGS) {
-    (void)t; (void)lpr;
-    fd_output_s_impl<W4K, 4, 1024, true>(FD_OUTPUT_S_PASS);
-}
 
 // fd_matvec_s_<q>: y[r] (+)= W[r] . x for the rows r0 .. r0 + rpb - 1 of block b (r0 = b rpb), x the
 // quantized vector (xh, xl, xs, xsum; the down projection's input); each row's blocks are split over
 // the block's warps (contiguous ranges), whose dots are added in warp order (deterministic).
 #define FD_KP 32  // rows per round of the block's partial dots
-template <class D, int S, int SB, bool RR = false>
+template <class D, int S, int SB>
 RF_DEV void fd_matvec_s_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, rf_i64 off, rf_i64 rb,
                              int rows, int cols, const int* xh, const int* xl, const float* xs, const float* xsum,
                              float* y, int accumulate, int rpb) {
@@ -2535,7 +2468,7 @@ RF_DEV void fd_matvec_s_impl(const rf_u8* __restrict__ arena, const int* __restr
     const int n_items = min(rpb, FD_KP) * nst;
     int done = 0;
     if (state != nullptr) done = fd_ld_state(state, FD_ST_DONE);
-    fd_st_start<D, RR>(ring, n_items, nst, C, seg);
+    fd_st_start<D>(ring, n_items, nst, C, seg);
     fd_pdl_sync();
     if (done) {
         fd_cp_wait<0>();
@@ -2547,8 +2480,8 @@ RF_DEV void fd_matvec_s_impl(const rf_u8* __restrict__ arena, const int* __restr
     X.s = xs;
     X.sum16 = xsum;
     for (; r0 < rbeg + rpb; r0 += FD_KP) {  // block-uniform
-        if (r0 != rbeg) fd_st_start<D, RR>(ring, n_items, nst, C, seg);
-        fd_st_run<D, RR>(ring, n_items, nst, C, seg, X, [&](int k, float va, float) {
+        if (r0 != rbeg) fd_st_start<D>(ring, n_items, nst, C, seg);
+        fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float) {
             if (rf_lane() == 0) kp[k][w] = va;
         });
         __syncthreads();
@@ -2568,9 +2501,3 @@ RF_KERNEL void fd_matvec_s_q4k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 3, FD_S
 RF_KERNEL void fd_matvec_s_q6k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 3, FD_SB>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q4k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 4, 1024>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1024>(FD_MATVEC_S_PASS); }
-// _v2: 6 stages of 1024 bytes (the default's 3 x 2048 of shared memory; five stages in flight)
-RF_KERNEL void fd_matvec_s_q4k_v2(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 6, 1024>(FD_MATVEC_S_PASS); }
-RF_KERNEL void fd_matvec_s_q6k_v2(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 6, 1024>(FD_MATVEC_S_PASS); }
-// _v3: _v2's ring with register release (all 6 stages in flight while a warp computes)
-RF_KERNEL void fd_matvec_s_q4k_v3(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 6, 1024, true>(FD_MATVEC_S_PASS); }
-RF_KERNEL void fd_matvec_s_q6k_v3(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 6, 1024, true>(FD_MATVEC_S_PASS); }

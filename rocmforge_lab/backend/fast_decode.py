@@ -577,10 +577,9 @@ class DecodePlan:
         the kinds of STREAM_DEFAULTS (gate/up) where the device has the asynchronous copies
         (`async_copy`: CUDA sm_80+; on HIP the ring falls back to plain copies, unmeasured); tune
         "stream" (0: off, 1: on) for all kinds, "stream_<kind>" per kind; "stream_v" 1: the "_v1"
-        kernels (ring of 3 / 4 stages of 1 KiB per row instead of 2 / 3 of 2 KiB), 2: the "_v2"
-        kernels (4 / 6 stages of 1 KiB: the same shared memory, more of it in flight), 3: the "_v3"
-        kernels (_v2's ring; each lane moves its unit into registers and the slot is refilled before
-        the math, fused_decode.hip fd_st_run RR)."""
+        kernels (ring of 3 / 4 stages of 1 KiB per row instead of 2 / 3 of 2 KiB). (Rings of 4 / 6
+        stages of 1 KiB, with and without moving each lane's unit to registers before refilling its
+        slot, measured slower on the 7B and were removed: benchmarks/RESULTS.md v11.)"""
         default = STREAM_DEFAULTS.get(kind, 0) if self.async_copy else 0
         on = int(self.tune.get(f"stream_{kind}", self.tune.get("stream", default)))
         t = self._k_type(kind, ws)
@@ -590,9 +589,7 @@ class DecodePlan:
             return ""
         if t == "Q4_K" and any(w.offset % 16 or w.row_bytes % 16 for w in ws):
             return ""
-        # "_v1": 3 / 4 stages of 1 KiB per row instead of 2 / 3 of 2 KiB; "_v2": 4 / 6 of 1 KiB (same shared
-        # memory); "_v3": _v2 with register release (every stage in flight while a warp computes)
-        v = {1: "_v1", 2: "_v2", 3: "_v3"}.get(int(self.tune.get("stream_v", 0)), "")
+        v = "_v1" if int(self.tune.get("stream_v", 0)) == 1 else ""  # 3-4 stages of 1 KiB per row instead of 2 KiB
         return f"{base}_s_{t.replace('_', '').lower()}{v}"
 
     def ks_for(self, n_tasks: int, lpr: int, cols: int) -> int:

@@ -1187,10 +1187,10 @@ __device__ FD_NOINLINE float fd_dot_one_w(int t, const rf_u8* ra, FdX X, int col
 #define FD_SXS 4096   // d_model bound of the kernels that stage x (FdXsN<FD_SXS>: static shared <= 48 KiB)
 
 // The ring's barrier between a stage's copies and its reads, and between its reads and the refill of
-// its slot. Each warp copies into and reads from its own slots only, so a warp barrier is enough; the
-// default build still takes the block's (the warps advance in lockstep). Built with FD_ST_WARP=1
-// (tune "st_warp", CUDA and the CPU emulator): __syncwarp, so each warp runs ahead on its own ring.
-// On HIP the ring's copies are plain stores and the block barrier stays.
+// its slot. Each warp copies into and reads from its own slots only, so a warp barrier is enough.
+// Built with FD_ST_WARP=1 (the decoder's default build, tune "st_warp"; CUDA and the CPU emulator):
+// __syncwarp, so each warp runs ahead on its own ring. Without it, and on HIP (where the ring's
+// copies are plain stores), the block's barrier (the warps advance in lockstep).
 RF_DEV void fd_st_bar() {
 #if defined(FD_ST_WARP) && FD_ST_WARP && defined(RF_CUDA)
     __syncwarp();

@@ -574,7 +574,7 @@ class DecodePlan:
         (Q4_K rows 16-byte aligned) with whole 256-value blocks per row, and (gate/up, output) d_model
         <= STREAM_XS_MAX; else "". The stream kernels copy each warp's rows through a ring of
         shared-memory stages with asynchronous copies (fused_decode.hip fd_st_run). On by default for
-        the kinds of STREAM_DEFAULTS (gate/up) where the device has the asynchronous copies
+        the kinds of STREAM_DEFAULTS (gate/up, output) where the device has the asynchronous copies
         (`async_copy`: CUDA sm_80+; on HIP the ring falls back to plain copies, unmeasured); tune
         "stream" (0: off, 1: on) for all kinds, "stream_<kind>" per kind; "stream_v" 1: the "_v1"
         kernels (ring of 3 / 4 stages of 1 KiB per row instead of 2 / 3 of 2 KiB). (Rings of 4 / 6

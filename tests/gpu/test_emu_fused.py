@@ -244,11 +244,11 @@ def test_emu_stream_matvec(qtype, rows, cols, rpb, ws):
     _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, rows + cols)
 
 
-@pytest.mark.parametrize("qtype,rows,cols,rpb", [("Q6_K", 45, 768, 40), ("Q4_K", 7, 10240, 3)])
-def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb):
+@pytest.mark.parametrize("qtype,rows,cols,rpb,v", [("Q6_K", 45, 768, 40, ""), ("Q4_K", 7, 10240, 3, "_v1")])
+def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb, v):
     """The FD_ST_WARP build: warps without blocks, several stages per warp and two rounds of rows, each
-    warp on its own ring."""
-    _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1)
+    warp on its own ring (_v1: 4 stages of 1 KiB)."""
+    _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1, v=v)
 
 
 @pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp,v", [

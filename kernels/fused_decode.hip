@@ -1133,8 +1133,10 @@ RF_DEV void fd_rows_w(const rf_u8* __restrict__ ra, const rf_u8* __restrict__ rb
 // of DecodePlan (output: 3 blocks per multiprocessor) stay one wave
 #if defined(RF_CUDA)
 #define FD_LB(b) __launch_bounds__(256, b)
+#define FD_LBT(t, b) __launch_bounds__(t, b)
 #else
 #define FD_LB(b)
+#define FD_LBT(t, b)
 #endif
 
 // fd_dot_pair / fd_dot_one through the wide engine for rows of type WT (RF_T_Q4_K / RF_T_Q6_K, NU
@@ -2062,6 +2064,9 @@ RF_KERNEL void fd_matvec_any_ls(FD_MATVEC_ARGS) { fd_matvec_impl<true, false>(FD
 // (wN: N units per row in flight; at most 256 threads per block)
 RF_KERNEL FD_LB(3) void fd_matvec_w1_q4k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q4_K, 1>(FD_MATVEC_PASS); }
 RF_KERNEL FD_LB(3) void fd_matvec_w1_q6k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q6_K, 1>(FD_MATVEC_PASS); }
+// fd_matvec capped at 64 registers (CUDA, nvcc sm_90: 78 without the cap), so 4 blocks of 256 threads
+// fit a multiprocessor instead of 3 (the 7B's down grid: 896 blocks, 2.3 waves of 3 per multiprocessor)
+RF_KERNEL FD_LBT(256, 4) void fd_matvec_b4(FD_MATVEC_ARGS) { fd_matvec_impl<false, true>(FD_MATVEC_PASS); }
 
 // ---- fd_oproj ---------------------------------------------------------------------------------
 // resid += W_o x, x = the attention output: while nsv * n_head * head_dim <= merge_max (nsv = the
@@ -2182,6 +2187,9 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
     arena, state, resid, norm_off, eps, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr
 RF_KERNEL void fd_gate_up(FD_GATE_UP_ARGS) { fd_gate_up_impl<false>(FD_GATE_UP_PASS); }
 RF_KERNEL void fd_gate_up_any(FD_GATE_UP_ARGS) { fd_gate_up_impl<true>(FD_GATE_UP_PASS); }
+// fd_gate_up capped at 64 registers (CUDA, nvcc sm_90: 70 without the cap), so 2 blocks of 512 threads fit
+// a multiprocessor: the Qwen2.5-0.5B shape's 152 blocks (32 row pairs x 16 lanes) in one wave, not two
+RF_KERNEL FD_LBT(512, 2) void fd_gate_up_b2(FD_GATE_UP_ARGS) { fd_gate_up_impl<false>(FD_GATE_UP_PASS); }
 // the wide engine for Q4_K gate / up rows (N units per row in flight; at most 256 threads)
 RF_KERNEL FD_LB(3) void fd_gate_up_w1_q4k(FD_GATE_UP_ARGS) { fd_gate_up_impl<false, RF_T_Q4_K, 1>(FD_GATE_UP_PASS); }
 

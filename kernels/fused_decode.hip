@@ -66,9 +66,6 @@
 #if defined(RF_HOST_EMU)
 // the CPU emulator (tests/gpu/emu) has no atomics, fences or byte permutes: host versions
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 #define FD_NOINLINE
 #else
@@ -333,36 +330,13 @@ RF_DEV void fd_ld8f(const float* p, float* o) {
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
 
-// ---- the fused down projection's accumulator (DecodePlan tune "fuse_down") ---------------------
-// With the down projection fused into fd_gate_up, block b of the gate/up adds W_down[j, 32b..32b+31]
-// . act[32b..32b+31] to racc[j] for every residual row j, as a 64-bit fixed-point integer (2^30 units
-// per 1.0): integer adds give the same sum in any order, so the result does not depend on which
-// block adds first (f32 atomics would). The residual's value is then resid[j] + racc[j] / 2^30 until
-// the next o-projection folds racc into resid and clears it (fd_matvec_body's fold); the kernels that
-// normalize the residual in between (the next layer's fd_qkv, fd_output) add racc as they stage it.
-#define FD_ACC_ONE 1073741824.0f  // 2^30
-#define FD_ACC_CLAMP 1048576.0f   // one block's term is clamped to +-2^20: no overflow below 2^12 blocks
-RF_DEV rf_i64 fd_acc_fix(float v) {
-    v = fminf(fmaxf(v, -FD_ACC_CLAMP), FD_ACC_CLAMP);
-    return (rf_i64)rintf(v * FD_ACC_ONE);
-}
-RF_DEV float fd_acc_val(rf_i64 a) { return (float)a * (1.0f / FD_ACC_ONE); }
-// src[8g .. 8g+7] (+ racc's values where racc is not null)
-RF_DEV void fd_ld8r(const float* src, const rf_i64* racc, int g, float* o) {
-    fd_ld8f(src + 8 * g, o);
-    if (racc != nullptr) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] += fd_acc_val(racc[8 * g + e]);
-    }
-}
-
 // xs = quantized RMSNorm(src) * w (n <= FD_XS_MAX, n % 32 == 0, src and w 16-byte aligned): thread t
 // takes the 8-value groups t, t + blockDim, ... (the products src * w of the first FD_XS_REG stay in
 // registers, so src is read once: one round of independent 16-byte loads). The whole block calls; ends with a
 // barrier, so the block may read xs at once. Arithmetic as norm.hip's rms_norm, then fd_quant32's.
 template <class XS>
 RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict__ w, int n, float eps, XS* xs,
-                         float* red, const rf_i64* racc = nullptr) {
+                         float* red) {
     const int n8 = n / 8, t = (int)threadIdx.x, bd = (int)blockDim.x;
     float z[FD_XS_REG][8];  // src * w (the norm scale applies after the block sum)
     float ss = 0.0f;
@@ -371,7 +345,7 @@ RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict_
         const int g = t + k * bd;
         float u[8], wu[8];
         if (g < n8) {
-            fd_ld8r(src, racc, g, u);
+            fd_ld8f(src + 8 * g, u);
             fd_ld8f(w + 8 * g, wu);
         } else {
 #pragma unroll
@@ -385,7 +359,7 @@ RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict_
     }
     for (int g = t + FD_XS_REG * bd; g < n8; g += bd) {  // blocks of < n / (8 FD_XS_REG) threads
         float u[8];
-        fd_ld8r(src, racc, g, u);
+        fd_ld8f(src + 8 * g, u);
 #pragma unroll
         for (int e = 0; e < 8; ++e) ss += u[e] * u[e];
     }
@@ -404,7 +378,7 @@ RF_DEV FdX fd_stage_norm(const float* __restrict__ src, const float* __restrict_
         const bool ok = g < n8;
         float y[8], u[8], wu[8];
         if (ok) {
-            fd_ld8r(src, racc, g, u);
+            fd_ld8f(src + 8 * g, u);
             fd_ld8f(w + 8 * g, wu);
         }
 #pragma unroll
@@ -1344,55 +1318,34 @@ RF_DEV void fd_st_shape(int nb, int& nst, int& C) {
     C = (nb + nst - 1) / nst;
 }
 
-// ---- 32-value items of any type ----------------------------------------------------------------
-// M(T) for the quant_blocks.h type T of type id t (nothing for an unknown id)
-#define FD_SWITCH_Q(t, M)                  \
-    switch (t) {                           \
-        case RF_T_F32: M(QF32); break;     \
-        case RF_T_F16: M(QF16); break;     \
-        case RF_T_BF16: M(QBF16); break;   \
-        case RF_T_Q4_0: M(QQ4_0); break;   \
-        case RF_T_Q4_1: M(QQ4_1); break;   \
-        case RF_T_Q5_0: M(QQ5_0); break;   \
-        case RF_T_Q5_1: M(QQ5_1); break;   \
-        case RF_T_Q8_0: M(QQ8_0); break;   \
-        case RF_T_Q2_K: M(QQ2_K); break;   \
-        case RF_T_Q3_K: M(QQ3_K); break;   \
-        case RF_T_Q4_K: M(QQ4_K); break;   \
-        case RF_T_Q5_K: M(QQ5_K); break;   \
-        case RF_T_Q6_K: M(QQ6_K); break;   \
-        case RF_T_MXFP4: M(QMXFP4); break; \
-        default: break;                    \
-    }
-
-// v[0..32) = values 32 it .. 32 it + 31 of a row of type t (zeros for an unknown type)
-RF_DEV void fd_load32(int t, const rf_u8* row, int it, float* v) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) v[i] = 0.0f;
-#define FD_L32(T) T::load32(row + (rf_i64)(it / T::SUBS) * T::BS, it % T::SUBS, v)
-    FD_SWITCH_Q(t, FD_L32)
-#undef FD_L32
-}
-
-// the quant block holding item `it` of a row of type t, into L2 (its first and last byte)
-RF_DEV void fd_prefetch_item(int t, const rf_u8* row, int it) {
-#define FD_PF32(T)                                                        \
-    {                                                                     \
-        const rf_u8* b = row + (rf_i64)(it / T::SUBS) * T::BS;            \
-        fd_prefetch(b);                                                   \
-        if ((((rf_i64)(unsigned long long)b & 127) + T::BS) > 128) fd_prefetch(b + T::BS - 1); \
-    }
-    FD_SWITCH_Q(t, FD_PF32)
-#undef FD_PF32
-}
-
 // ---- embedding rows ---------------------------------------------------------------------------
 // dst[0..d) = dequantized row `row` of a table of type t (threads of the block take 32-value items)
 RF_DEV void fd_embed_row(int t, const rf_u8* row, int d, float* dst) {
     const int n_items = d / 32;
     for (int it = threadIdx.x; it < n_items; it += blockDim.x) {
         float v[32];
-        fd_load32(t, row, it, v);
+#define FD_EMB(T) T::load32(row + (rf_i64)(it / T::SUBS) * T::BS, it % T::SUBS, v)
+        switch (t) {
+            case RF_T_F32: FD_EMB(QF32); break;
+            case RF_T_F16: FD_EMB(QF16); break;
+            case RF_T_BF16: FD_EMB(QBF16); break;
+            case RF_T_Q4_0: FD_EMB(QQ4_0); break;
+            case RF_T_Q4_1: FD_EMB(QQ4_1); break;
+            case RF_T_Q5_0: FD_EMB(QQ5_0); break;
+            case RF_T_Q5_1: FD_EMB(QQ5_1); break;
+            case RF_T_Q8_0: FD_EMB(QQ8_0); break;
+            case RF_T_Q2_K: FD_EMB(QQ2_K); break;
+            case RF_T_Q3_K: FD_EMB(QQ3_K); break;
+            case RF_T_Q4_K: FD_EMB(QQ4_K); break;
+            case RF_T_Q5_K: FD_EMB(QQ5_K); break;
+            case RF_T_Q6_K: FD_EMB(QQ6_K); break;
+            case RF_T_MXFP4: FD_EMB(QMXFP4); break;
+            default:
+#pragma unroll
+                for (int i = 0; i < 32; ++i) v[i] = 0.0f;
+                break;
+        }
+#undef FD_EMB
 #pragma unroll
         for (int i = 0; i < 32; ++i) dst[it * 32 + i] = v[i];
     }
@@ -1403,11 +1356,6 @@ RF_KERNEL void fd_embed(const rf_u8* __restrict__ arena, const int* __restrict__
                         rf_i64 emb_rb, int d, float* resid) {
     if (blockIdx.x != 0) return;
     fd_embed_row(emb_t, arena + emb_off + (rf_i64)state[FD_ST_TOK] * emb_rb, d, resid);
-}
-
-// dst[0..n) = 0 (the fused down projection's accumulators, before a decode call's first step)
-RF_KERNEL void fd_zero64(rf_i64* dst, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[i] = 0;
 }
 
 // ---- fd_qkv -----------------------------------------------------------------------------------
@@ -1421,7 +1369,7 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
                         rf_i64 rbq, int tk, rf_i64 offk, rf_i64 rbk, int tv, rf_i64 offv, rf_i64 rbv, rf_i64 bq_off,
                         rf_i64 bk_off, rf_i64 bv_off, int n_head, int n_kv, int hd, int n_rot, int neox,
                         const float* __restrict__ rope_cs, C* __restrict__ kc, C* __restrict__ vc, int layer,
-                        int n_ctx, float* __restrict__ q_out, int lpr, const rf_i64* __restrict__ racc) {
+                        int n_ctx, float* __restrict__ q_out, int lpr) {
     __shared__ FdXs xsh;
     __shared__ float red[32];
     const int half = hd / 2, half_rot = n_rot / 2;
@@ -1455,7 +1403,7 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
     }
     fd_pdl_sync();
     const int done = state[FD_ST_DONE], pos = state[FD_ST_POS];
-    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red, racc);
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) return;
     for (int base = blockIdx.x * gpb; base < n_tasks; base += stride) {  // warp-uniform
         const int task = base + g;
@@ -1511,9 +1459,8 @@ RF_DEV void fd_qkv_impl(const rf_u8* __restrict__ arena, const int* __restrict__
         n_head, n_kv, hd, n_rot, neox, rope_cs
 
 #define FD_QKV_KERNEL(name, C, ANY)                                                                 \
-    RF_KERNEL void name(FD_QKV_ARGS, C* kc, C* vc, int layer, int n_ctx, float* q_out, int lpr,      \
-                        const rf_i64* racc) {                                                       \
-        fd_qkv_impl<C, ANY>(FD_QKV_PASS, kc, vc, layer, n_ctx, q_out, lpr, racc);                    \
+    RF_KERNEL void name(FD_QKV_ARGS, C* kc, C* vc, int layer, int n_ctx, float* q_out, int lpr) {    \
+        fd_qkv_impl<C, ANY>(FD_QKV_PASS, kc, vc, layer, n_ctx, q_out, lpr);                          \
     }
 FD_QKV_KERNEL(fd_qkv_f16, rf_u16, false)
 FD_QKV_KERNEL(fd_qkv_f32, float, false)
@@ -2003,8 +1950,7 @@ RF_DEV void fd_matvec_prefetch(const rf_u8* arena, int t, rf_i64 off, rf_i64 rb,
 // WT, NU: rows of type WT through the wide engine (fd_dot_pair_w; NU 0: the 32-value engine only)
 template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, rf_i64 rb, int rows, int cols,
-                           const FdX& X, rf_i64 bias_off, float* y, int accumulate, int pair, int lpr, int ks,
-                           rf_i64* fold = nullptr) {
+                           const FdX& X, rf_i64 bias_off, float* y, int accumulate, int pair, int lpr, int ks) {
     __shared__ float kred[2][1024 / 8];  // split-K partials: [row a / b][group]
     // pair: tasks of rows (r, r+1) sharing the x loads; else one row per task (half the work per
     // lane: lower latency for small matrices)
@@ -2028,14 +1974,6 @@ RF_DEV void fd_matvec_body(const rf_u8* __restrict__ arena, int t, rf_i64 off, r
             if (bias) {
                 ya += bias[ra];
                 if (has_b) yb += bias[rbw];
-            }
-            if (fold != nullptr) {  // the fused down projection's accumulator: into y, then cleared
-                ya += fd_acc_val(fold[ra]);
-                fold[ra] = 0;
-                if (has_b) {
-                    yb += fd_acc_val(fold[rbw]);
-                    fold[rbw] = 0;
-                }
             }
         }
         float va = 0.0f, vb = 0.0f;
@@ -2139,7 +2077,7 @@ template <bool ANY, bool ES, int MV = 2>
 RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, int t, rf_i64 off,
                           rf_i64 rb, int rows, int cols, const int* xh, const int* xl, const float* xs,
                           const float* xsum, float* y, const float* part_acc, const float* part_ml, int n_head,
-                          int hd, int merge_max, int pair, int lpr, int ks, rf_i64* fold) {
+                          int hd, int merge_max, int pair, int lpr, int ks) {
     __shared__ FdXs xsh;
     int done = 0, pos = 0;
     if (ES) {
@@ -2163,16 +2101,16 @@ RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict
         X.s = xs;
         X.sum16 = xsum;
     }
-    fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, -1, y, 1, pair, lpr, ks, fold);
+    fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, -1, y, 1, pair, lpr, ks);
 }
 
 #define FD_OPROJ_ARGS                                                                                      \
     const rf_u8 *arena, const int *state, int t, rf_i64 off, rf_i64 rb, int rows, int cols, const int *xh,    \
         const int *xl, const float *xs, const float *xsum, float *y, const float *part_acc,                   \
-        const float *part_ml, int n_head, int hd, int merge_max, int pair, int lpr, int ks, rf_i64 *fold
+        const float *part_ml, int n_head, int hd, int merge_max, int pair, int lpr, int ks
 #define FD_OPROJ_PASS                                                                                      \
     arena, state, t, off, rb, rows, cols, xh, xl, xs, xsum, y, part_acc, part_ml, n_head, hd, merge_max, pair, \
-        lpr, ks, fold
+        lpr, ks
 RF_KERNEL void fd_oproj(FD_OPROJ_ARGS) { fd_oproj_impl<false, true>(FD_OPROJ_PASS); }
 RF_KERNEL void fd_oproj_any(FD_OPROJ_ARGS) { fd_oproj_impl<true, true>(FD_OPROJ_PASS); }
 RF_KERNEL void fd_oproj_ls(FD_OPROJ_ARGS) { fd_oproj_impl<false, false>(FD_OPROJ_PASS); }
@@ -2194,30 +2132,13 @@ RF_DEV void fd_act_store(const float* a32, float* act, int* oh, int* ol, float* 
     }
 }
 
-// The fused down projection (DecodePlan tune "fuse_down"): dacc[j] += W_down[j, 32b .. 32b+31] . a32
-// for the d rows j of W_down (type td at arena + offd, rbd bytes per row; block b = blockIdx.x, a32 its
-// SwiGLU outputs in shared memory), in fixed point (fd_acc_fix; thread t takes rows t, t + blockDim,
-// ...). Not inlined: its registers (one decoded 32-value item) stay out of the gate/up's dot loops.
-__device__ FD_NOINLINE void fd_down_slice(const rf_u8* __restrict__ wd, int td, rf_i64 rbd, int d, const float* a32,
-                                          rf_i64* dacc) {
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float v[32];
-        fd_load32(td, wd + (rf_i64)j * rbd, blockIdx.x, v);
-        float acc = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) acc = fmaf(v[i], a32[i], acc);
-        atomicAdd((unsigned long long*)(dacc + j), (unsigned long long)fd_acc_fix(acc));
-    }
-}
-
 // Block b: rows r = 32b .. 32b+31 of act[r] = silu(g) * u, g = W_gate[r] . x, u = W_up[r] . x
-// (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input), or
-// with dacc not null adds the block's share of the down projection to dacc instead (fd_down_slice).
+// (x = the quantized RMSNorm-ed residual); writes act and its quantized copy (the down input).
 template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
                             const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, int tg, rf_i64 offg,
                             rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float* __restrict__ act, int* oh,
-                            int* ol, float* os, float* osum, int lpr, rf_i64* dacc, int td, rf_i64 offd, rf_i64 rbd) {
+                            int* ol, float* os, float* osum, int lpr) {
     __shared__ float a32[32];
     __shared__ FdXs xsh;
     __shared__ float red[32];
@@ -2230,9 +2151,6 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
             fd_prefetch_rows(arena + offg + (rf_i64)(r0 + k) * rbg, nullptr, rbg, gl, lpr);
             fd_prefetch_rows(arena + offu + (rf_i64)(r0 + k) * rbu, nullptr, rbu, gl, lpr);
         }
-    }
-    if (dacc != nullptr) {  // this block's item of every down row
-        for (int j = threadIdx.x; j < d; j += blockDim.x) fd_prefetch_item(td, arena + offd + (rf_i64)j * rbd, blockIdx.x);
     }
     fd_pdl_sync();
     const int done = state[FD_ST_DONE];
@@ -2258,19 +2176,15 @@ RF_DEV void fd_gate_up_impl(const rf_u8* __restrict__ arena, const int* __restri
         if (gl == 0) a32[k] = fd_swiglu(vg, vu);
     }
     __syncthreads();
-    if (dacc != nullptr)
-        fd_down_slice(arena + offd, td, rbd, d, a32, dacc);
-    else
-        fd_act_store(a32, act, oh, ol, os, osum);
+    fd_act_store(a32, act, oh, ol, os, osum);
 }
 
 #define FD_GATE_UP_ARGS                                                                                   \
     const rf_u8 *arena, const int *state, const float *resid, rf_i64 norm_off, float eps, int d, int tg,     \
         rf_i64 offg, rf_i64 rbg, int tu, rf_i64 offu, rf_i64 rbu, int d_ff, float *act, int *oh, int *ol,    \
-        float *os, float *osum, int lpr, rf_i64 *dacc, int td, rf_i64 offd, rf_i64 rbd
+        float *os, float *osum, int lpr
 #define FD_GATE_UP_PASS \
-    arena, state, resid, norm_off, eps, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr, dacc, td, \
-        offd, rbd
+    arena, state, resid, norm_off, eps, d, tg, offg, rbg, tu, offu, rbu, d_ff, act, oh, ol, os, osum, lpr
 RF_KERNEL void fd_gate_up(FD_GATE_UP_ARGS) { fd_gate_up_impl<false>(FD_GATE_UP_PASS); }
 RF_KERNEL void fd_gate_up_any(FD_GATE_UP_ARGS) { fd_gate_up_impl<true>(FD_GATE_UP_PASS); }
 // fd_gate_up capped at 64 registers (CUDA, nvcc sm_90: 70 without the cap), so 2 blocks of 512 threads fit
@@ -2322,7 +2236,7 @@ RF_DEV void fd_block_argmax(float& v, int& i, float* sv, int* si) {
 // and the token's embedding row into resid. Every thread of the block calls.
 RF_DEV void fd_output_tail(float best, int besti, int* state, float* resid, int d, int vocab, float* part_v, int* part_i,
                            int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
-                           const rf_u8* emb, rf_i64 emb_rb, float* sv, int* si, rf_i64* racc) {
+                           const rf_u8* emb, rf_i64 emb_rb, float* sv, int* si) {
     __shared__ int s_last, s_tok;
     fd_block_argmax(best, besti, sv, si);
     if (threadIdx.x == 0) {
@@ -2355,8 +2269,6 @@ RF_DEV void fd_output_tail(float best, int besti, int* state, float* resid, int 
     }
     __syncthreads();
     fd_embed_row(emb_t, emb + (rf_i64)s_tok * emb_rb, d, resid);
-    if (racc != nullptr)  // every block has staged resid + racc: the next step starts from zero
-        for (int j = threadIdx.x; j < d; j += blockDim.x) racc[j] = 0;
 }
 
 // logits[r] = W_out[r] . x (x = RMSNorm(resid) * output_norm, staged per block); argmax over r -> the
@@ -2368,7 +2280,7 @@ template <bool ANY, int WT = 0, int NU = 0>
 RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
                            int d, int t, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
                            int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
-                           rf_i64 emb_off, rf_i64 emb_rb, int lpr, rf_i64* racc) {
+                           rf_i64 emb_off, rf_i64 emb_rb, int lpr) {
     __shared__ float red[32];
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -2384,7 +2296,7 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
     }
     fd_pdl_sync();
     const int done = state[FD_ST_DONE];
-    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red, racc);
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) return;
     float best = -RF_INF;
     int besti = 0x7fffffff;
@@ -2407,16 +2319,16 @@ RF_DEV void fd_output_impl(const rf_u8* __restrict__ arena, int* state, float* r
         if (valid && gl == 0) fd_logit_pair(logits, vocab, ra, va, vb, best, besti);
     }
     fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
-                   arena + emb_off, emb_rb, sv, si, racc);
+                   arena + emb_off, emb_rb, sv, si);
 }
 
 #define FD_OUTPUT_ARGS                                                                                    \
     const rf_u8 *arena, int *state, float *resid, rf_i64 norm_off, float eps, int d, int t, rf_i64 off,      \
         rf_i64 rb, int vocab, float *logits, float *part_v, int *part_i, int *counter, int *tokens_out,      \
-        const int *stop_ids, int n_stop, int emb_t, rf_i64 emb_off, rf_i64 emb_rb, int lpr, rf_i64 *racc
+        const int *stop_ids, int n_stop, int emb_t, rf_i64 emb_off, rf_i64 emb_rb, int lpr
 #define FD_OUTPUT_PASS                                                                                    \
     arena, state, resid, norm_off, eps, d, t, off, rb, vocab, logits, part_v, part_i, counter, tokens_out,   \
-        stop_ids, n_stop, emb_t, emb_off, emb_rb, lpr, racc
+        stop_ids, n_stop, emb_t, emb_off, emb_rb, lpr
 RF_KERNEL void fd_output(FD_OUTPUT_ARGS) { fd_output_impl<false>(FD_OUTPUT_PASS); }
 RF_KERNEL void fd_output_any(FD_OUTPUT_ARGS) { fd_output_impl<true>(FD_OUTPUT_PASS); }
 // the wide engine for Q6_K / Q4_K output rows (N units per row in flight; at most 256 threads)
@@ -2427,8 +2339,6 @@ RF_KERNEL FD_LB(3) void fd_output_w1_q4k(FD_OUTPUT_ARGS) { fd_output_impl<false,
 // fd_gate_up_s_q4k: fd_gate_up's work (block b: rows 32b .. 32b+31 of gate and up, d <= FD_SXS);
 // each warp streams 32 / n_warps row pairs (gate[r], up[r]). Same arguments (lpr unused).
 template <int S, int SB>
-// (the stream kernels take fd_gate_up's arguments; the fused down projection is not theirs: dacc,
-// td, offd, rbd unused, DecodePlan never fuses the down into them)
 RF_DEV void fd_gate_up_s_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
                               const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, rf_i64 offg,
                               rf_i64 rbg, rf_i64 offu, rf_i64 rbu, float* __restrict__ act, int* oh, int* ol, float* os,
@@ -2482,7 +2392,7 @@ template <class D, int S, int SB>
 RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float* resid, rf_i64 norm_off, float eps,
                              int d, rf_i64 off, rf_i64 rb, int vocab, float* __restrict__ logits, float* part_v,
                              int* part_i, int* counter, int* tokens_out, const int* stop_ids, int n_stop, int emb_t,
-                             rf_i64 emb_off, rf_i64 emb_rb, rf_i64* racc) {
+                             rf_i64 emb_off, rf_i64 emb_rb) {
     __shared__ float red[32];
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -2507,7 +2417,7 @@ RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float*
     fd_st_start<D>(ring, n_items, nst, C, seg);
     fd_pdl_sync();
     const int done = state[FD_ST_DONE];
-    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red, racc);
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
     if (done) {
         fd_cp_wait<0>();
         return;
@@ -2518,11 +2428,11 @@ RF_DEV void fd_output_s_impl(const rf_u8* __restrict__ arena, int* state, float*
         if (rf_lane() == 0) fd_logit_pair(logits, vocab, 2 * (t0 + k), va, vb, best, besti);
     });
     fd_output_tail(best, besti, state, resid, d, vocab, part_v, part_i, counter, tokens_out, stop_ids, n_stop, emb_t,
-                   arena + emb_off, emb_rb, sv, si, racc);
+                   arena + emb_off, emb_rb, sv, si);
 }
 #define FD_OUTPUT_S_PASS                                                                                  \
     arena, state, resid, norm_off, eps, d, off, rb, vocab, logits, part_v, part_i, counter, tokens_out, stop_ids, \
-        n_stop, emb_t, emb_off, emb_rb, racc
+        n_stop, emb_t, emb_off, emb_rb
 RF_KERNEL void fd_output_s_q6k(FD_OUTPUT_ARGS) {
     (void)t; (void)lpr;
     fd_output_s_impl<W6K, FD_SS, FD_SB>(FD_OUTPUT_S_PASS);

@@ -101,7 +101,6 @@ PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
 GATE_UP_B2_DEFAULT = 0  # tune "gate_up_b2": a 512-thread fd_gate_up grid takes fd_gate_up_b2 (<= 64 registers)
-FUSE_DOWN_DEFAULT = 0   # tune "fuse_down": the down projection fused into the gate/up (DecodePlan.fuse_down)
 MATVEC_B4_DEFAULT = 0   # tune "down_b4": the down projection's fd_matvec takes fd_matvec_b4 (<= 64 registers)
 ST_WARP_DEFAULT = 1     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
@@ -317,8 +316,6 @@ class DecodePlan:
             "stop": (i32, MAX_STOP),
             "rope": (f32, self.n_ctx * (cfg.rope_dim // 2) * 2),
         }
-        if self.fuse_down:  # the fused down projection's fixed-point accumulators, even / odd layers
-            self.buffers.update({"racc0": (np.int64, d), "racc1": (np.int64, d)})
         # quantized activation vectors (kernels/fused_decode.hip FdX): xa = attention output,
         # xf = SwiGLU output (the normalized residual is staged by each consumer block itself)
         for x, n in (("xa", nh * hd), ("xf", ff)):
@@ -344,10 +341,6 @@ class DecodePlan:
             return _i64(self._w(name).offset)
         scale = 1.0 / math.sqrt(hd)
         G = nh // nkv
-        fuse = self.fuse_down
-
-        def racc(layer):  # the accumulator layer `layer`'s gate/up adds its down projection into
-            return Buf(f"racc{layer % 2}") if fuse and layer >= 0 else None
         L: list[Launch] = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
@@ -370,7 +363,7 @@ class DecodePlan:
                  _i32(QTYPE_ID[wv.qtype]), _i64(wv.offset), _i64(wv.row_bytes),
                  _i64(boff("attn_q")), _i64(boff("attn_k")), _i64(boff("attn_v")),
                  _i32(nh), _i32(nkv), _i32(hd), _i32(cfg.rope_dim), _i32(cfg.rope_style == "neox"), Buf("rope"),
-                 Buf("k_cache"), Buf("v_cache"), _i32(i), _i32(self.n_ctx), Buf("q"), _i32(lpr), racc(i - 1)),
+                 Buf("k_cache"), Buf("v_cache"), _i32(i), _i32(self.n_ctx), Buf("q"), _i32(lpr)),
                 p + "qkv", "qkv", wq.nbytes + wk.nbytes + wv.nbytes))
             L.append(Launch(
                 f"fd_attn_{c}_hd{hd}{self.ls_attn}", (self.n_split, nkv, -(-G // self.att_hpb)), (128,),
@@ -380,15 +373,14 @@ class DecodePlan:
                                                    | (ATT_MERGE1 if int(self.tune.get("att_merge1", ATT_MERGE1_DEFAULT)) else 0))),
                 p + "attn", "attn", 0))
             wo = self._w(p + "attn_output.weight")
-            L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True, fold=racc(i - 1)))
+            L.append(self._matvec(wo, "xa", p + "o_proj", "o_proj", oproj=True))
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
-            wd = self._w(p + "ffn_down.weight")
             lpr = self._gate_up_lpr(d, ff, any_(wg, wu) != "")
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
             # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
             gthreads = self.tune.get("gate_up_threads") or (
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
-            gstream = "" if fuse else self._stream_name("fd_gate_up", "gate_up", (wg, wu))
+            gstream = self._stream_name("fd_gate_up", "gate_up", (wg, wu))
             gwide = "" if gstream else self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
             gname = gstream or gwide or f"fd_gate_up{any_(wg, wu)}"
             if gname == "fd_gate_up" and gthreads == 512 and int(self.tune.get("gate_up_b2", GATE_UP_B2_DEFAULT)):
@@ -399,11 +391,10 @@ class DecodePlan:
                 (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
-                 Buf("act"), *X("xf"), _i32(lpr | self.pf_flags(bool(gwide)) << 8), racc(i),
-                 _i32(QTYPE_ID[wd.qtype]), _i64(wd.offset), _i64(wd.row_bytes)),
-                p + "gate_up", "gate_up", wg.nbytes + wu.nbytes + (wd.nbytes if fuse else 0)))
-            if not fuse:
-                L.append(self._matvec(wd, "xf", p + "down", "down"))
+                 Buf("act"), *X("xf"), _i32(lpr | self.pf_flags(bool(gwide)) << 8)),
+                p + "gate_up", "gate_up", wg.nbytes + wu.nbytes))
+            wd = self._w(p + "ffn_down.weight")
+            L.append(self._matvec(wd, "xf", p + "down", "down"))
         wout = self._w("token_embd.weight" if cfg.tied_output else "output.weight")
         lpr = min(int(self.tune.get("out_lpr", self._lpr(d))), self.warp_size)
         # one wave of blocks that loop over the rows (H200: 3 blocks of 256 threads fit a
@@ -419,7 +410,7 @@ class DecodePlan:
             (Buf("arena"), Buf("state"), Buf("resid"), norm("output_norm.weight"), eps, _i32(d),
              _i32(QTYPE_ID[wout.qtype]), _i64(wout.offset), _i64(wout.row_bytes), _i32(V), Buf("logits"), Buf("out_v"),
              Buf("out_i"), Buf("out_cnt"), Buf("tokens"), Buf("stop"), _i32(MAX_STOP), _i32(QTYPE_ID[emb.qtype]),
-             _i64(emb.offset), _i64(emb.row_bytes), _i32(lpr), racc(cfg.n_layer - 1)),
+             _i64(emb.offset), _i64(emb.row_bytes), _i32(lpr)),
             "output", "output", wout.nbytes))
         dup = int(self.tune.get("dup", 0))  # profiling aid: launch one kind twice (its marginal cost in the graph)
         if dup:
@@ -431,9 +422,6 @@ class DecodePlan:
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[emb.qtype]), _i64(emb.offset), _i64(emb.row_bytes), _i32(d),
              Buf("resid")),
             "embed", "embed", 0)]
-        if fuse:  # the accumulators start from zero (each step also leaves them zero)
-            self.start_launches += [Launch("fd_zero64", (1,), (256,), (Buf(f"racc{k}"), _i32(d)), "zero", "zero", 0)
-                                    for k in (0, 1)]
 
     def _gate_up_lpr(self, d: int, ff: int, any_type: bool) -> int:
         """Lanes per gate/up row pair (tune "gate_up_lpr": 8, 16 or 32). A block holds 32 row pairs;
@@ -454,19 +442,6 @@ class DecodePlan:
     def compile_options(self) -> tuple[str, ...]:
         """Extra compiler options of the kernel module for this plan's tune (`build_options`)."""
         return build_options(self.tune)
-
-    @property
-    def fuse_down(self) -> bool:
-        """The down projection fused into the gate/up kernel (tune "fuse_down"): gate/up block b adds
-        W_down[:, 32b..32b+31] . act[32b..32b+31] to a 64-bit fixed-point accumulator (racc0 / racc1 by
-        layer parity; integer adds, so the sum does not depend on block order), which the next layer's
-        qkv (and the output kernel) add to the residual as they normalize it and the next o-projection
-        folds into the residual and clears: 4 launches per layer instead of 5. Not with the stream
-        gate/up kernel (the 7B shape's default), whose blocks do not hold their SwiGLU outputs."""
-        if not int(self.tune.get("fuse_down", FUSE_DOWN_DEFAULT)):
-            return False
-        p = "blk.0."
-        return not self._stream_name("fd_gate_up", "gate_up", (self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")))
 
     @property
     def att_hpb(self) -> int:
@@ -526,7 +501,7 @@ class DecodePlan:
             return 0
         return min(int(self.tune.get("merge_max", MERGE_MAX)), MERGE_MAX)
 
-    def _matvec(self, w: WeightRef, x: str, label: str, kind: str, oproj: bool = False, fold: Buf | None = None) -> Launch:
+    def _matvec(self, w: WeightRef, x: str, label: str, kind: str, oproj: bool = False) -> Launch:
         """resid += W x (o / down projections; the consumers normalize resid themselves).
 
         Row pairs share their x loads; a matrix too small to fill the device with pair tasks
@@ -548,7 +523,7 @@ class DecodePlan:
                 (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
                  _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
                  Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
-                 _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks), fold),
+                 _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
                 label, kind, w.nbytes)
         stream = self._stream_name("fd_matvec", kind, (w,)) if self.ls == "" else ""
         if stream:  # rows in runs of rpb per block (one wave of ~4 blocks per multiprocessor), each row's

@@ -178,7 +178,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
     args = (arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou, R.row_bytes(tu, d), ff)
-    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr, None, 0, 0, 0)
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g (result 0)
@@ -190,7 +190,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     assert np.all(np.abs(_dequant_x(out) - act) <= 2e-5 * np.abs(act).max())  # its quantized copy
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr, None, 0, 0, 0)
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
     assert np.all(act2 == 7.0)
 
 
@@ -275,7 +275,7 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp, v):
     tokens, stop = np.full(8, -1, np.int32), np.full(4, -1, np.int32)
     kern = f"fd_output_s_{qtype.replace('_', '').lower()}{v}"
     mod(ws, st_warp).launch(kern, (grid,), (128,), arena, state, resid, no, 1e-5, d, QTYPE_ID[qtype], wo, R.row_bytes(qtype, d),
-                   vocab, logits, part_v, part_i, cnt, tokens, stop, 4, QTYPE_ID["F32"], eo, 4 * d, 0, None)
+                   vocab, logits, part_v, part_i, cnt, tokens, stop, 4, QTYPE_ID["F32"], eo, 4 * d, 0)
     n = R.rms_norm_ref(x, nw, 1e-5)
     want = W @ n
     tol = 1e-5 * (np.abs(W) @ np.abs(n)) + 2e-5 * np.abs(W).sum(1) * np.abs(n).max()
@@ -341,7 +341,7 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
     base = rng.standard_normal(d).astype(np.float32)
     y = base.copy()
     mod(ws).launch("fd_oproj" + ls, (3,), (threads,), arena, state, QTYPE_ID["Q8_0"], w_off,
-                   R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1, None)
+                   R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
     ref = wo @ want + base
     tol = 1e-4 * (np.abs(wo) @ np.abs(want) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(want).max()
     assert np.all(np.abs(y - ref) <= tol), float(np.abs(y - ref).max())
@@ -498,9 +498,7 @@ PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream"
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
               ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
-              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1}),  # the stream kernels, one ring per warp
-              # the down projection fused into the gate/up (fixed-point accumulators; 32-value and wide gate/up)
-              ("llama", "q4_1", "f16", {"fuse_down": 1}), ("qwen2", "q4_k_m", "f16", {"fuse_down": 1, "stream_gate_up": 0})]
+              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1})]  # the stream kernels, one ring per warp
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
@@ -514,8 +512,7 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     cfg = m.config
     n_ctx = 16
     dec = EmuDecoder(cfg, refs, arena, kv, n_ctx, tune=tune)
-    assert dec.plan.fuse_down == bool(tune.get("fuse_down", 0))
-    assert len(dec.plan.launches) == (4 if dec.plan.fuse_down else 5) * cfg.n_layer + 1
+    assert len(dec.plan.launches) == 5 * cfg.n_layer + 1
     n_stream = sum("_s_q" in l.kernel for l in dec.plan.launches)
     want_stream = qtype == "q4_k_m" and any(tune.get(f"stream_{k}", tune.get("stream", on)) != 0
                                             for k, on in STREAM_DEFAULTS.items())
@@ -542,8 +539,6 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
         assert nxt == int(np.argmax(dec.bufs["logits"])), "device argmax != numpy argmax of the same logits"
         assert st[0] == pos + 1 and st[1] == nxt and st[2] == (nxt == 499)
         assert dec.bufs["att_cnt"].sum() == 0 and dec.bufs["out_cnt"][0] == 0  # counters reset
-        if dec.plan.fuse_down:  # the fused down projection's accumulators: folded and cleared every step
-            assert not dec.bufs["racc0"].any() and not dec.bufs["racc1"].any()
         tok = ids[pos + 1] if pos + 1 < len(ids) else nxt
     # done flag: a step with done set changes nothing
     st[2] = 1

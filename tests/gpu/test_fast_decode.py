@@ -150,7 +150,7 @@ def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0):
     _fn(kern)((ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
                                         _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
                                         _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
-                                        _i32(min(32, backend.warp_size) | pf << 8), None, _i32(0), _i64(0), _i64(0)))
+                                        _i32(min(32, backend.warp_size) | pf << 8)))
     n = R.rms_norm_ref(x, nw, 1e-6)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):
@@ -235,7 +235,7 @@ def test_fused_output_stream_vs_numpy(backend, qtype, d, vocab, grid, v):
     _fn(f"fd_output_s_{qtype.replace('_', '').lower()}{v}")((grid,), (128,), (
         arena, state, resid, _i64(no), np.float32(1e-5), _i32(d), _i32(QID[qtype]), _i64(wo),
         _i64(R.row_bytes(qtype, d)), _i32(vocab), logits, part_v, part_i, cnt, tokens, stop, _i32(4), _i32(QID["F32"]),
-        _i64(eo), _i64(4 * d), _i32(0), None))
+        _i64(eo), _i64(4 * d), _i32(0)))
     n = R.rms_norm_ref(x, nw, 1e-5)
     want = W @ n
     tol = 1e-5 * (np.abs(W) @ np.abs(n)) + 2e-5 * np.abs(W).sum(1) * np.abs(n).max()
@@ -292,7 +292,7 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
         arena, state, cupy.asarray(x), _i64(offs[6]), np.float32(1e-5), _i32(d),
         _i32(QID[qt]), _i64(offs[0]), _i64(rb), _i32(QID[qt]), _i64(offs[1]), _i64(rb), _i32(QID[qt]), _i64(offs[2]),
         _i64(rb), _i64(boffs[0]), _i64(boffs[1]), _i64(boffs[2]), _i32(nh), _i32(nkv), _i32(hd), _i32(hd),
-        _i32(style == "neox"), rope, kc, vc, _i32(layer), _i32(n_ctx), q, _i32(lpr), None))
+        _i32(style == "neox"), rope, kc, vc, _i32(layer), _i32(n_ctx), q, _i32(lpr)))
     h = R.rms_norm_ref(x, nw, 1e-5)
     qr, kr, vr = (W[j] @ h + (bs[j] if bias else 0.0) for j in range(3))
     q_ref = R.rope_ref(qr.reshape(1, nh, hd), [pos], hd, 10000.0, style).reshape(-1)
@@ -359,7 +359,7 @@ def test_fused_qkv_and_attention_vs_numpy(backend, kv, style, hd, nh, nkv, bias,
         _fn("fd_oproj" + ls)((5,), (256,), (arena_o, state, _i32(QID["Q8_0"]), _i64(wo_off),
                                        _i64(R.row_bytes("Q8_0", nh * hd)), _i32(rows_o), _i32(nh * hd), *xa, y,
                                        part_acc, part_ml, _i32(nh), _i32(hd), _i32(merge_max), _i32(1),
-                                       _i32(min(32, backend.warp_size)), _i32(2), None))
+                                       _i32(min(32, backend.warp_size)), _i32(2)))
         err = np.abs(cupy.asnumpy(y) - (wo @ ref_out + base))
         assert np.all(err <= tol), (merge_max, ls, late, float(err.max()))
 
@@ -429,17 +429,12 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2}),
                # the register-capped gate/up (0.5B: 512 threads) and down (fd_matvec_b4, one-wave grid)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_b2": 1, "down_b4": 1}),
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"down_b4": 1, "down_per_sm": 4}),
-               # the down projection fused into the gate/up (fixed-point accumulators; the 7B with the wide gate/up)
-               ("llama", "q4_1", {"base": "smollm2-135m", "n_layer": 2}, {"fuse_down": 1}),
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"fuse_down": 1}),
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"fuse_down": 1, "gate_up_b2": 1}),
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"fuse_down": 1, "stream_gate_up": 0})]
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"down_b4": 1, "down_per_sm": 4})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
-                                        v.get("base", ("fuse" if v.get("fuse_down") else "stream" if v.get("stream") else
+                                        v.get("base", ("stream" if v.get("stream") else
                                                        "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_b4" in v) else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):

@@ -2064,9 +2064,6 @@ RF_KERNEL void fd_matvec_any_ls(FD_MATVEC_ARGS) { fd_matvec_impl<true, false>(FD
 // (wN: N units per row in flight; at most 256 threads per block)
 RF_KERNEL FD_LB(3) void fd_matvec_w1_q4k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q4_K, 1>(FD_MATVEC_PASS); }
 RF_KERNEL FD_LB(3) void fd_matvec_w1_q6k(FD_MATVEC_ARGS) { fd_matvec_impl<false, true, RF_T_Q6_K, 1>(FD_MATVEC_PASS); }
-// fd_matvec capped at 64 registers (CUDA, nvcc sm_90: 78 without the cap), so 4 blocks of 256 threads
-// fit a multiprocessor instead of 3 (the 7B's down grid: 896 blocks, 2.3 waves of 3 per multiprocessor)
-RF_KERNEL FD_LBT(256, 4) void fd_matvec_b4(FD_MATVEC_ARGS) { fd_matvec_impl<false, true>(FD_MATVEC_PASS); }
 
 // ---- fd_oproj ---------------------------------------------------------------------------------
 // resid += W_o x, x = the attention output: while nsv * n_head * head_dim <= merge_max (nsv = the

@@ -100,8 +100,8 @@ KS_UNITS = 4            # units per lane before a matvec row is split over more 
 PF_L1_DEFAULT = 0       # tune "pf_l1" (DecodePlan.compile_options)
 FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gpu (DecodePlan.compile_options)
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
-GATE_UP_B2_DEFAULT = 0  # tune "gate_up_b2": a 512-thread fd_gate_up grid takes fd_gate_up_b2 (<= 64 registers)
-MATVEC_B4_DEFAULT = 0   # tune "down_b4": the down projection's fd_matvec takes fd_matvec_b4 (<= 64 registers)
+GATE_UP_B2_DEFAULT = 1  # tune "gate_up_b2": a 512-thread fd_gate_up grid takes fd_gate_up_b2 (<= 64 registers;
+                        # H100, Qwen2.5-0.5B shape: 1,235-1,236 vs 1,149-1,154 tok/s, RESULTS.md v12)
 ST_WARP_DEFAULT = 1     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
 ATT_MERGE1 = 0x20000    # FD_ATT_MERGE1: fd_attn's hpb flag, the one-pass merge (tune "att_merge1")
@@ -513,8 +513,7 @@ class DecodePlan:
             pair = w.rows * w.cols >= (8 << 20)
         n_tasks = -(-w.rows // 2) if pair else w.rows
         ks = self.ks_for(n_tasks, lpr, w.cols)
-        per_sm = int(self.tune.get(f"{kind}_per_sm", 0)) or None  # tune: a grid of at most n per multiprocessor
-        grid, block = self._shape(n_tasks * ks, lpr, lpr * ks, per_sm=per_sm)
+        grid, block = self._shape(n_tasks * ks, lpr, lpr * ks)
         any_ = "" if w.qtype in FAST_TYPES else "_any"
         if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
             cfg = self.cfg
@@ -536,8 +535,6 @@ class DecodePlan:
                 label, kind, w.nbytes)
         wide = self._wide_name("fd_matvec", kind, (w,), block[0]) if self.ls == "" else ""
         name = wide or "fd_matvec" + any_ + self.ls
-        if name == "fd_matvec" and block[0] == 256 and int(self.tune.get(f"{kind}_b4", MATVEC_B4_DEFAULT)):
-            name = "fd_matvec_b4"  # <= 64 registers: 4 blocks of 256 threads per multiprocessor
         return Launch(
             name, grid, block,
             (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),

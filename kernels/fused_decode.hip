@@ -1133,7 +1133,7 @@ RF_DEV void fd_rows_w(const rf_u8* __restrict__ ra, const rf_u8* __restrict__ rb
 // of DecodePlan (output: 3 blocks per multiprocessor) stay one wave
 #if defined(RF_CUDA)
 #define FD_LB(b) __launch_bounds__(256, b)
-#define FD_LBT(t, b) __launch_bounds__(t, b)
+#define FD_LBT(t, b) __launch_bounds__(t, b)  // t threads per block, b blocks per multiprocessor
 #else
 #define FD_LB(b)
 #define FD_LBT(t, b)

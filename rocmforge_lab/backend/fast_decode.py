@@ -20,7 +20,9 @@ into the residual). No kernel has a serial "last block" phase but the output's a
     KV head and head slice merges (in one pass over the splits, rescaling online) and quantizes that
     slice's output (`DecodePlan.merge_max`, `DecodePlan.att_zmerge`; both kernels decide from the
     position, so one graph serves every position);
-  * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection.
+  * the SwiGLU output is quantized by the gate/up blocks (32 rows each) for the down projection; a
+    512-thread gate/up grid (32 row pairs of 16 lanes: the Qwen2.5-0.5B shape) takes fd_gate_up_b2,
+    capped at 64 registers so two blocks fit a multiprocessor and its 152 blocks run in one wave.
 Matvecs stream their weights from the GGUF block layout with dp4a on the staged activations; long
 rows are split across `ks` 32-lane groups of one block (`DecodePlan.ks_for`: the 7B's down rows).
 All-Q4_K gate/up and Q4_K / Q6_K output layers take the "wide" kernels (64-value units, all loads of
@@ -377,7 +379,8 @@ class DecodePlan:
             wg, wu = self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight")
             lpr = self._gate_up_lpr(d, ff, any_(wg, wu) != "")
             # one block per 32 rows: all 32 rows in one pass where that takes <= 512 threads and the grid
-            # is small (latency), else 256 threads (H200: best for all three benchmark shapes)
+            # is small (latency), else 256 threads (H200: best for all three benchmark shapes); at 512
+            # threads fd_gate_up_b2 (tune "gate_up_b2"), so 2 blocks fit a multiprocessor
             gthreads = self.tune.get("gate_up_threads") or (
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
             gstream = self._stream_name("fd_gate_up", "gate_up", (wg, wu))

@@ -15,6 +15,7 @@ second wave shows up.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import OrderedDict
 from typing import Mapping
@@ -62,12 +63,8 @@ def occupancy(fd, props: Mapping | None = None) -> list[tuple[int, float]]:
     for fn, grid, block, _args in fd.exec.calls:
         try:
             f = getattr(fn, "kernel", fn)
-            threads = int(block[0]) * (int(block[1]) if len(block) > 1 else 1)
-            res = resident_blocks(int(f.num_regs), int(f.shared_size_bytes), threads, props)
-            blocks = 1
-            for g in grid:
-                blocks *= int(g)
-            out.append((res, blocks / (res * n_sm) if res else float("inf")))
+            res = resident_blocks(int(f.num_regs), int(f.shared_size_bytes), math.prod(block), props)
+            out.append((res, math.prod(grid) / (res * n_sm) if res else float("inf")))
         except Exception:
             out.append((0, float("nan")))
     return out

@@ -2383,6 +2383,79 @@ RF_KERNEL void fd_gate_up_s_q4k_v1(FD_GATE_UP_ARGS) {
     fd_gate_up_s_impl<3, 1024>(FD_GATE_UP_S_PASS);
 }
 
+// fd_gate_up_sb_q4k ("balanced"): fd_gate_up_s_q4k's arithmetic over a grid of any size: warp w of
+// the grid's W streams the row pairs [w T / W, (w+1) T / W) of T = d_ff, so a one-wave grid of k blocks
+// per multiprocessor gives every multiprocessor the same work to +-1 row pair per warp (the 7B's 592
+// blocks of 32 row pairs on 132 multiprocessors: 64 run 5 blocks, 68 run 4). A 32-value group g of
+// act may span blocks: each block writes its act values, then adds its count of rows of g to
+// gcnt[g] (the last-block pattern, one counter per group); the block that brings it to 32 reads the
+// group back and writes its quantized copy (the down projection's input), then clears gcnt[g].
+// Same arguments as fd_gate_up_s_q4k plus gcnt (d_ff / 32 zeroed counters; lpr unused).
+template <int S, int SB>
+RF_DEV void fd_gate_up_sb_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
+                               const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, rf_i64 offg,
+                               rf_i64 rbg, rf_i64 offu, rf_i64 rbu, int d_ff, float* act, int* oh, int* ol,
+                               float* os, float* osum, int* gcnt) {
+    __shared__ FdXsN<FD_SXS> xsh;
+    __shared__ float red[32];
+    __shared__ FdRing<2, S, SB> ring;
+    const int nw = (int)(blockDim.x / WARP_SIZE);
+    const rf_i64 T = d_ff, W = (rf_i64)gridDim.x * nw, gw = (rf_i64)blockIdx.x * nw + rf_warp();
+    const int t0 = (int)(gw * T / W), t1 = (int)((gw + 1) * T / W);  // this warp's row pairs
+    const int nb = d / W4K::QK;
+    int nst, C;
+    fd_st_shape<W4K, SB>(nb, nst, C);
+    const int n_items = (int)((T + W - 1) / W) * nst;  // block-uniform
+    auto seg = [&](int k, FdSeg& sg) -> bool {
+        const int t = t0 + k;
+        if (t >= t1) return false;
+        sg.p[0] = arena + offg + (rf_i64)t * rbg;
+        sg.p[1] = arena + offu + (rf_i64)t * rbu;
+        sg.b0 = 0;
+        sg.b1 = nb;
+        return true;
+    };
+    fd_st_start<W4K>(ring, n_items, nst, C, seg);
+    fd_pdl_sync();
+    const int done = state[FD_ST_DONE];
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done) {
+        fd_cp_wait<0>();
+        return;
+    }
+    fd_st_run<W4K>(ring, n_items, nst, C, seg, X, [&](int k, float vg, float vu) {
+        if (rf_lane() == 0) act[t0 + k] = fd_swiglu(vg, vu);
+    });
+    // the block's rows [r0, r1) touch the groups g0 .. g1; warp j takes groups g0 + j, g0 + j + nw, ...
+    const int r0 = (int)((rf_i64)blockIdx.x * nw * T / W), r1 = (int)((rf_i64)(blockIdx.x + 1) * nw * T / W);
+    if (r1 <= r0) return;  // block-uniform
+    fd_fence();  // this thread's act stores before the counters (every thread: lane 0s stored)
+    __syncthreads();
+    const int g0 = r0 / 32, g1 = (r1 - 1) / 32, lane = rf_lane();
+    for (int g = g0 + rf_warp(); g <= g1; g += nw) {  // warp-uniform
+        int last = 0;
+        if (lane == 0) {
+            const int n = min(r1, 32 * g + 32) - max(r0, 32 * g);
+            last = atomicAdd(&gcnt[g], n) + n == 32;
+        }
+        if (!rf_shfl_int(last, 0)) continue;
+        fd_fence();  // the counter before the other blocks' act values
+        const bool ok = lane < 32;  // WARP_SIZE 64: lanes 32.. idle
+        const float v = ok ? fd_ld_l2(act + 32 * g + lane) : 0.0f;
+        fd_quant32(v, g, ok, oh, ol, os, osum);
+        if (lane == 0) gcnt[g] = 0;  // for the next layer (after a kernel boundary)
+    }
+}
+#define FD_GATE_UP_SB_PASS arena, state, resid, norm_off, eps, d, offg, rbg, offu, rbu, d_ff, act, oh, ol, os, osum, gcnt
+RF_KERNEL void fd_gate_up_sb_q4k(FD_GATE_UP_ARGS, int* gcnt) {
+    (void)tg; (void)tu; (void)lpr;
+    fd_gate_up_sb_impl<FD_SS, FD_SB>(FD_GATE_UP_SB_PASS);
+}
+RF_KERNEL void fd_gate_up_sb_q4k_v1(FD_GATE_UP_ARGS, int* gcnt) {
+    (void)tg; (void)tu; (void)lpr;
+    fd_gate_up_sb_impl<3, 1024>(FD_GATE_UP_SB_PASS);
+}
+
 // fd_output_s_<q>: fd_output's work (d <= FD_SXS); warp w of the grid's W streams the row pairs
 // [w T / W, (w+1) T / W) of the T = ceil(vocab / 2) pairs (one wave of blocks). Same arguments (lpr unused).
 template <class D, int S, int SB>

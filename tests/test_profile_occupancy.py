@@ -45,8 +45,8 @@ def test_format_profile_shows_waves():
 def test_occupancy_of_a_decoder_step():
     """occupancy(fd, props): per launch of fd.exec.calls (function, grid, block, args), from the
     function's num_regs / shared_size_bytes; a kernel without those attributes gives (0, nan)."""
-    def fn(regs, smem):
-        return SimpleNamespace(num_regs=regs, shared_size_bytes=smem)
+    def fn(regs, smem):  # as cupy.RawKernel: the attributes on the kernel, not on its .kernel (a Function)
+        return SimpleNamespace(num_regs=regs, shared_size_bytes=smem, kernel=object())
     calls = [(fn(70, 19712), (152,), (512,), ()), (fn(64, 19712), (152,), (512,), ()),
              (fn(204, 43268), (16, 4, 4), (128,), ()), (object(), (1,), (32,), ())]
     got = occupancy(SimpleNamespace(exec=SimpleNamespace(calls=calls)), H100)

@@ -62,8 +62,7 @@ def occupancy(fd, props: Mapping | None = None) -> list[tuple[int, float]]:
     out = []
     for fn, grid, block, _args in fd.exec.calls:
         try:
-            f = getattr(fn, "kernel", fn)
-            res = resident_blocks(int(f.num_regs), int(f.shared_size_bytes), math.prod(block), props)
+            res = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes), math.prod(block), props)
             out.append((res, math.prod(grid) / (res * n_sm) if res else float("inf")))
         except Exception:
             out.append((0, float("nan")))

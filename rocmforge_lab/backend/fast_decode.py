@@ -104,8 +104,6 @@ FENCE_AR_DEFAULT = 0    # tune "fence_ar": last-block fences as fence.acq_rel.gp
 LDCG_DEFAULT = 0        # tune "ldcg": the attention merge's loads as ld.global.cg (DecodePlan.compile_options)
 GATE_UP_B2_DEFAULT = 1  # tune "gate_up_b2": a 512-thread fd_gate_up grid takes fd_gate_up_b2 (<= 64 registers;
                         # H100, Qwen2.5-0.5B shape: 1,235-1,236 vs 1,149-1,154 tok/s, RESULTS.md v12)
-GATE_UP_SB_DEFAULT = 0  # tune "gate_up_sb": the stream gate/up as fd_gate_up_sb_* (one wave of blocks, each warp a
-                        # contiguous run of row pairs; tune "gate_up_sb_per_sm": blocks per multiprocessor)
 ST_WARP_DEFAULT = 1     # tune "st_warp": the stream kernels' ring barrier per warp, not per block (FD_ST_WARP)
 ATT_ZMERGE = 0x10000    # FD_ATT_ZMERGE: fd_attn's hpb flag, one merge per (KV head, head slice)
 ATT_MERGE1 = 0x20000    # FD_ATT_MERGE1: fd_attn's hpb flag, the one-pass merge (tune "att_merge1")
@@ -313,7 +311,6 @@ class DecodePlan:
             "part_acc": (f32, self.n_split * nh * hd),
             "part_ml": (f32, self.n_split * nh * 2),
             "att_cnt": (i32, nkv * -(-(nh // nkv) // self.att_hpb)),  # one counter per (KV head, head slice)
-            "gu_cnt": (i32, ff // 32),  # fd_gate_up_sb_*: one counter per 32-value group of act
             "out_v": (f32, self.out_blocks_max),
             "out_i": (i32, self.out_blocks_max),
             "out_cnt": (i32, 1),
@@ -391,20 +388,13 @@ class DecodePlan:
             gname = gstream or gwide or f"fd_gate_up{any_(wg, wu)}"
             if gname == "fd_gate_up" and gthreads == 512 and int(self.tune.get("gate_up_b2", GATE_UP_B2_DEFAULT)):
                 gname = "fd_gate_up_b2"  # <= 64 registers: 2 blocks of 512 threads per multiprocessor
-            ggrid, gextra = (ff // 32,), ()
-            if gstream and int(self.tune.get("gate_up_sb", GATE_UP_SB_DEFAULT)):
-                # the balanced stream kernel: one wave of blocks, each warp a contiguous run of row pairs
-                gname = gname.replace("_s_", "_sb_")
-                per_sm = int(self.tune.get("gate_up_sb_per_sm", 6 if gname.endswith("_v1") else 5))
-                ggrid, gextra = (max(1, min(per_sm * self.n_sm, ff // (STREAM_THREADS // self.warp_size))),), (
-                    Buf("gu_cnt"),)
             L.append(Launch(
-                gname, ggrid,
+                gname, (ff // 32,),
                 (STREAM_THREADS if gstream else max(gthreads, 64),),
                 (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
-                 Buf("act"), *X("xf"), _i32(lpr | self.pf_flags(bool(gwide)) << 8), *gextra),
+                 Buf("act"), *X("xf"), _i32(lpr | self.pf_flags(bool(gwide)) << 8)),
                 p + "gate_up", "gate_up", wg.nbytes + wu.nbytes))
             wd = self._w(p + "ffn_down.weight")
             L.append(self._matvec(wd, "xf", p + "down", "down"))

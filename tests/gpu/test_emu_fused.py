@@ -161,10 +161,9 @@ def test_emu_fused_matvec_tail():
     assert np.all(np.abs(_dequant_x(out) - n) <= 2e-5 * np.abs(n).max())
 
 
-def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_warp=0, grid=None):
+def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_warp=0):
     """act = silu(W_gate n) * (W_up n), n = RMSNorm(x) * w, and its quantized copy, on the emulator
-    against float64 NumPy; then with the done flag set the kernel writes nothing. grid: the
-    balanced kernels' (fd_gate_up_sb_*: any grid, one counter per 32-value group, left zeroed)."""
+    against float64 NumPy; then with the done flag set the kernel writes nothing."""
     rng = np.random.default_rng(seed)
     rg, ru = R.random_tensor(tg, ff, d, rng), R.random_tensor(tu, ff, d, rng)
     wg = R.dequant_ref(rg, tg, ff, d).astype(np.float64)
@@ -177,11 +176,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
     args = (arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou, R.row_bytes(tu, d), ff)
-    cnt = np.zeros(ff // 32, np.int32)
-    extra = (cnt,) if grid else ()
-    grid = grid or ff // 32
-    mod(ws, st_warp).launch(kern, (grid,), (threads,), *args, act, *out, lpr, *extra)
-    assert not cnt.any()  # the balanced kernels clear their group counters for the next layer
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g (result 0)
@@ -193,7 +188,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     assert np.all(np.abs(_dequant_x(out) - act) <= 2e-5 * np.abs(act).max())  # its quantized copy
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod(ws, st_warp).launch(kern, (grid,), (threads,), *args, act2, *out, lpr, *extra)
+    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
     assert np.all(act2 == 7.0)
 
 
@@ -219,17 +214,6 @@ def test_emu_fused_gate_up_qwen05b_rows(threads, lpr, kern):
                                              (4096, 32, 32, 1)])
 def test_emu_stream_gate_up(d, ff, ws, st_warp):
     _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws, st_warp=st_warp)
-
-
-# The balanced stream gate/up (fd_gate_up_sb_q4k): warps take contiguous row-pair ranges of the whole
-# grid, so a 32-value group of act may be finished by another block than the one that started it.
-# ff 96 = 3 groups: grid 5 (blocks of ~19 rows: every group split), 2 (48 rows: one block spans a
-# group and a half), 40 (blocks of 2-3 rows, some warps without rows); warp size 64; _v1 (3 stages).
-@pytest.mark.parametrize("d,grid,ws,st_warp,v", [(768, 5, 32, 1, ""), (4096, 2, 32, 0, ""), (768, 40, 32, 1, ""),
-                                                  (768, 5, 64, 0, ""), (4096, 3, 32, 1, "_v1")])
-def test_emu_stream_gate_up_balanced(d, grid, ws, st_warp, v):
-    _check_emu_gate_up("Q4_K", "Q4_K", d, 96, "fd_gate_up_sb_q4k" + v, 128, 0, ws=ws, seed=d + grid, st_warp=st_warp,
-                       grid=grid)
 
 
 def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
@@ -508,9 +492,7 @@ PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream"
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
               ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
-              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1}),
-              # the balanced stream gate/up (one wave of blocks, act groups finished across blocks)
-              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1, "gate_up_sb": 1, "gate_up_sb_per_sm": 3})]  # the stream kernels, one ring per warp
+              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1})]  # the stream kernels, one ring per warp
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
@@ -529,8 +511,6 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     want_stream = qtype == "q4_k_m" and any(tune.get(f"stream_{k}", tune.get("stream", on)) != 0
                                             for k, on in STREAM_DEFAULTS.items())
     assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
-    n_sb = sum("_sb_q" in l.kernel for l in dec.plan.launches)  # the balanced stream gate/up
-    assert n_sb == (cfg.n_layer if tune.get("gate_up_sb") else 0), [l.kernel for l in dec.plan.launches]
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

@@ -9,7 +9,8 @@
 #            stream-engine variants, per-kernel profile of each
 #   tune     benchmarks/gpu_decode.py --tune over TUNES (launch / build variants beside the defaults)
 #   ncu      Nsight Compute on one eager step: the 5 kernels of layer 3 per model (NCU_SPECS
-#            "key:n_layer ..."), sections SpeedOfLight / Occupancy / LaunchStats / WarpStateStats
+#            "key:n_layer ..."), sections SpeedOfLight / Occupancy / LaunchStats / WarpStateStats /
+#            SchedulerStats / MemoryWorkloadAnalysis (the whole report in $OUT/ncu_<key>.txt)
 #   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph (default) vs the
 #            full grid (att_min_splits 0)
 # MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
@@ -40,8 +41,9 @@ for what in "$@"; do
                  timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --cache-control none \
                      -k regex:'fd_(qkv|attn|oproj|matvec|gate_up)' --launch-skip $((5 * nl + 15)) --launch-count 5 \
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                     --section SchedulerStats --section MemoryWorkloadAnalysis \
                      python3 benchmarks/ncu_step.py "$key" > "$OUT/ncu_$key.txt" 2>&1
-                 grep -E '^  fd_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Warp Cycles Per Issued' \
+                 grep -E '^  fd_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|L2 Hit|Mem Busy' \
                      "$OUT/ncu_$key.txt" | head -120
              done ;;
         ctx) timeout 150 python3 benchmarks/gpu_decode.py --models smollm2,qwen7b --reps "$REPS" --n-ctx 4096 --tune \

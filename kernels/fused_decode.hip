@@ -2506,3 +2506,94 @@ RF_KERNEL void fd_matvec_s_q4k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 3, FD_S
 RF_KERNEL void fd_matvec_s_q6k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 3, FD_SB>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q4k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 4, 1024>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1024>(FD_MATVEC_S_PASS); }
+
+// ---- the x-resident matvec (long Q4_K / Q6_K rows: the 7B's down projection) -------------------
+// fd_matvec_xr_<q>: y[r] (+)= W[r] . x for the rows r0 .. min(r0 + rpb, rows) - 1 of block b (r0 =
+// b rpb), x the quantized vector (the down projection's input). Thread t owns the 64-value unit t
+// of every row (W4K / W6K; blockDim >= cols / 64, the threads past the last unit idle): it loads
+// its unit of x into registers once, after the programmatic-launch wait, then walks the block's
+// rows RB at a time, each step's loads issued before the previous step's math (the first step's
+// before the wait: weights only). So x is read from L2 once per block, not once per row (pair) and
+// lane group as in fd_matvec, and a warp's loads of a row are one contiguous run (8 Q4_K blocks:
+// 1,152 bytes). Each warp sums its lanes (shuffles) per row into red[row][warp]; every FD_XR_R rows
+// the block adds the warps' partials in warp order (deterministic) and writes y.
+#define FD_XR_R 32  // rows per round of the block's partial dots
+#define FD_XR_W 32  // most warps per block
+#define FD_XR_T 384 // most threads per block (cols <= 64 FD_XR_T: DecodePlan._xr_launch)
+template <class D, int RB>
+RF_DEV void fd_matvec_xr_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, rf_i64 off, rf_i64 rb,
+                              int rows, int cols, const int* xh, const int* xl, const float* xs, const float* xsum,
+                              float* y, int accumulate, int rpb) {
+    __shared__ float red[FD_XR_R][FD_XR_W];
+    const int t = (int)threadIdx.x, w = rf_warp(), nw = (int)(blockDim.x / WARP_SIZE);
+    const int n_units = cols / 64;
+    const bool act = t < n_units;
+    const int blk = t / D::UPB, u = t - blk * D::UPB;
+    const rf_u8* wp = arena + off + (rf_i64)blk * D::BS;  // this thread's unit of row 0
+    const int rbeg = (int)blockIdx.x * rpb, rend = min(rbeg + rpb, rows);
+    int done = 0;
+    if (state != nullptr) done = fd_ld_state(state, FD_ST_DONE);
+    typename D::W wa[RB], wb[RB];
+    auto load = [&](typename D::W* wv, int r) {
+#pragma unroll
+        for (int k = 0; k < RB; ++k)
+            if (act && r + k < rend) D::load(wp + (rf_i64)(r + k) * rb, u, wv[k]);
+    };
+    load(wa, rbeg);
+    fd_pdl_sync();
+    if (done || rbeg >= rend) return;  // block-uniform
+    int h[16], l[16];
+    float s[D::NR], sum[D::NR];
+    if (act) {
+        FdX X;
+        X.h = xh;
+        X.l = xl;
+        X.s = xs;
+        X.sum16 = xsum;
+        D::ldx(X, blk * D::QK, u, h, l, s, sum);
+    }
+    // rows r .. r + RB - 1: each warp's partial dots into red
+    auto step = [&](typename D::W* wv, int r) {
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            float v = 0.0f;
+            if (act && r + k < rend) {
+                const rf_u8* p = wp + (rf_i64)(r + k) * rb;  // Q6_K: the block's misalignment in bits
+                v = D::dot(wv[k], u, h, l, s, sum, 8 * (int)((unsigned long long)p & 2));
+            }
+            v = rf_warp_sum(v);
+            if (rf_lane() == 0) red[(r + k - rbeg) % FD_XR_R][w] = v;
+        }
+    };
+    // after the step at r: the round's rows are complete at a round boundary or the block's last row
+    int r_round = rbeg;
+    auto flush = [&](int r_next) {
+        if (r_next - r_round < FD_XR_R && r_next < rend) return;  // block-uniform
+        const int n = min(r_next, rend) - r_round;
+        __syncthreads();
+        for (int k = t; k < n; k += (int)blockDim.x) {
+            float v = 0.0f;
+            for (int q = 0; q < nw; ++q) v += red[k][q];
+            y[r_round + k] = (accumulate ? y[r_round + k] : 0.0f) + v;
+        }
+        __syncthreads();
+        r_round = r_next;
+    };
+    for (int r = rbeg; r < rend; r += 2 * RB) {  // block-uniform
+        load(wb, r + RB);
+        step(wa, r);
+        flush(r + RB);
+        if (r + RB >= rend) break;
+        load(wa, r + 2 * RB);
+        step(wb, r + RB);
+        flush(r + 2 * RB);
+    }
+}
+#define FD_XR_KERNEL(name, D, RB) \
+    RF_KERNEL FD_LBT(FD_XR_T, 1) void name(FD_MATVEC_S_ARGS) { fd_matvec_xr_impl<D, RB>(FD_MATVEC_S_PASS); }
+FD_XR_KERNEL(fd_matvec_xr_q4k, W4K, 2)
+FD_XR_KERNEL(fd_matvec_xr_q6k, W6K, 2)
+FD_XR_KERNEL(fd_matvec_xr_q4k_r1, W4K, 1)
+FD_XR_KERNEL(fd_matvec_xr_q6k_r1, W6K, 1)
+FD_XR_KERNEL(fd_matvec_xr_q4k_r4, W4K, 4)
+FD_XR_KERNEL(fd_matvec_xr_q6k_r4, W6K, 4)

@@ -93,6 +93,8 @@ STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 # down slower (stream 1: 239, stream 1 without down: 288). v11, with the per-warp ring (st_warp) and
 # the one-pass attention merge: output 309 -> 311-313 tok/s (on); down 264 (off).
 STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
+DOWN_XR_DEFAULT = 0     # tune "down_xr": the down projection through fd_matvec_xr_<q> (DecodePlan._xr_launch)
+XR_MAX_THREADS = 384    # FD_XR_T: most threads per fd_matvec_xr block (cols <= 64 x 384)
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
@@ -527,6 +529,9 @@ class DecodePlan:
                  Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
                  _i32(self.merge_max), _i32(bool(pair)), _i32(lpr), _i32(ks)),
                 label, kind, w.nbytes)
+        xr = self._xr_launch(w, x, label, kind) if self.ls == "" else None
+        if xr is not None:
+            return xr
         stream = self._stream_name("fd_matvec", kind, (w,)) if self.ls == "" else ""
         if stream:  # rows in runs of rpb per block (one wave of ~4 blocks per multiprocessor), each row's
             # blocks split over the block's warps
@@ -544,6 +549,32 @@ class DecodePlan:
              _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), _i64(-1),
              Buf("resid"), _i32(1), None, _i64(-1), _f32(self.cfg.rms_eps), None, None, None, None,
              _i32(bool(pair)), _i32(lpr), _i32(ks)),
+            label, kind, w.nbytes)
+
+    def _xr_launch(self, w: WeightRef, x: str, label: str, kind: str) -> Launch | None:
+        """The x-resident kernel for the down projection (fd_matvec_xr_q4k / _q6k): each thread keeps
+        one 64-value unit of x in registers and walks its block's rows, so x is read once per block.
+        Where the matrix is all Q4_K (rows 16-byte aligned) or all Q6_K, cols % 256 == 0 and cols / 64
+        units fit one block (<= XR_MAX_THREADS threads); tune "down_xr" (default DOWN_XR_DEFAULT),
+        "xr_blocks_per_sm" (blocks per multiprocessor of the one-wave grid, default 1), "xr_rb"
+        (rows per step: 1, 2 or 4; default 2). None: not applicable (fd_matvec / the stream kernel)."""
+        if kind != "down" or not int(self.tune.get("down_xr", DOWN_XR_DEFAULT)):
+            return None
+        t = self._k_type(kind, (w,))
+        if not t or w.cols % 256 or (t == "Q4_K" and (w.offset % 16 or w.row_bytes % 16)):
+            return None
+        threads = -(-(w.cols // 64) // self.warp_size) * self.warp_size
+        if threads > XR_MAX_THREADS:
+            return None
+        rows_per_block = -(-w.rows // (int(self.tune.get("xr_blocks_per_sm", 1)) * self.n_sm))
+        rb = int(self.tune.get("xr_rb", 2))
+        if rb not in (1, 2, 4):
+            raise ValueError(f"tune xr_rb {rb} (1, 2 or 4)")
+        name = f"fd_matvec_xr_{t.replace('_', '').lower()}" + ("" if rb == 2 else f"_r{rb}")
+        return Launch(
+            name, (-(-w.rows // rows_per_block),), (threads,),
+            (Buf("arena"), Buf("state"), _i64(w.offset), _i64(w.row_bytes), _i32(w.rows), _i32(w.cols),
+             Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), Buf("resid"), _i32(1), _i32(rows_per_block)),
             label, kind, w.nbytes)
 
     def pf_flags(self, wide: bool) -> int:

@@ -252,6 +252,38 @@ def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb, v):
     _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1, v=v)
 
 
+def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix=""):
+    """fd_matvec_xr_<q>: y (+)= W x, one 64-value unit of x per thread held in registers, rows in runs
+    of rpb per block, against float64 NumPy (tolerance as _check_emu_matvec's)."""
+    rng = np.random.default_rng(seed)
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    arena, (w_off,) = R.pack_arena(raw)
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    X = _quantize(mod(ws), x)
+    kern = f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rb_suffix}"
+    threads = -(-(cols // 64) // ws) * ws
+    for acc in (0, 1):
+        y = base.copy() if acc else np.full(rows, np.nan, np.float32)
+        mod(ws).launch(kern, (-(-rows // rpb),), (threads,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols,
+                       *X, y, acc, rpb)
+        err = np.abs(y - (ref @ x + (base if acc else 0.0)))
+        assert np.all(err <= tol), (qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
+
+
+# 768 columns: 12 units, one warp with 20 idle lanes; 2,560: 40 units, two warps (Q6_K blocks 2 bytes
+# off a word boundary every other block, and every other row); rpb 40 / 70: rounds of 32 rows (FD_XR_R)
+# and a last step past the block's rows; rpb 3 with RB 2 / 4: a block ending mid-step; warp size 64
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,rpb,ws,rbs", [(13, 768, 5, 32, ""), (71, 2560, 40, 32, ""),
+                                                  (75, 768, 70, 32, "_r4"), (7, 2560, 3, 32, "_r1"),
+                                                  (9, 2560, 3, 64, "_r4")])
+def test_emu_xr_matvec(qtype, rows, cols, rpb, ws, rbs):
+    _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, rows + cols, rbs)
+
+
 @pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp,v", [
     ("Q6_K", 768, 37, 3, 32, 0, ""), ("Q4_K", 4096, 21, 2, 32, 0, ""), ("Q6_K", 2560, 45, 2, 64, 0, ""),
     ("Q6_K", 768, 37, 3, 32, 1, ""), ("Q6_K", 2560, 37, 3, 32, 1, "_v1"), ("Q4_K", 4096, 21, 2, 32, 0, "_v1")])
@@ -492,7 +524,8 @@ PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream"
               ("qwen2", "q4_k_m", "f16", {"stream": 1}),  # the stream kernels for the same model
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
               ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
-              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1})]  # the stream kernels, one ring per warp
+              ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1}),  # the stream kernels, one ring per warp
+              ("qwen2", "q4_k_m", "f16", {"down_xr": 1})]  # the x-resident down projection (Q4_K, Q6_K layers)
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
@@ -511,6 +544,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
     want_stream = qtype == "q4_k_m" and any(tune.get(f"stream_{k}", tune.get("stream", on)) != 0
                                             for k, on in STREAM_DEFAULTS.items())
     assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
+    n_xr = [l.kernel for l in dec.plan.launches if "_xr_" in l.kernel]
+    assert n_xr == (["fd_matvec_xr_q4k", "fd_matvec_xr_q6k"] if tune.get("down_xr") else []), n_xr
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

@@ -210,6 +210,33 @@ def test_fused_matvec_stream_vs_numpy(backend, qtype, rows, cols, rpb, v):
     _stream_matvec(qtype, rows, cols, rpb, rows + cols + rpb, v)
 
 
+@pytest.mark.parametrize("rbs", ["", "_r1", "_r4"])  # rows per step: 2 (default), 1, 4
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,rpb", [(37, 256, 5), (300, 4864, 40), (64, 18944, 7), (3584, 18944, 28)])
+def test_fused_matvec_xr_vs_numpy(backend, qtype, rows, cols, rpb, rbs):
+    """fd_matvec_xr_<q> (the down projection's x-resident kernel): one 64-value unit of x per thread in
+    registers, rows in runs of rpb per block (rounds of 32 rows; 18944 columns: the 7B's down rows,
+    296 units in 10 warps; 3584 x 18944: the whole 7B matrix in the plan's 128-block grid)."""
+    import cupy
+
+    rng = np.random.default_rng(rows + cols + len(rbs))
+    raw = R.random_tensor(qtype, rows, cols, rng)
+    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
+    arena, (w_off,) = _arena(raw)
+    x = rng.standard_normal(cols).astype(np.float32)
+    base = rng.standard_normal(rows).astype(np.float32)
+    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
+    X = _quantize(x)
+    kern = f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rbs}"
+    threads = -(-(cols // 64) // backend.warp_size) * backend.warp_size
+    for acc in (0, 1):
+        y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
+        _fn(kern)((-(-rows // rpb),), (threads,), (arena, None, _i64(w_off), _i64(R.row_bytes(qtype, cols)),
+                                                  _i32(rows), _i32(cols), *X, y, _i32(acc), _i32(rpb)))
+        err = np.abs(cupy.asnumpy(y) - (ref @ x + (base if acc else 0.0)))
+        assert np.all(err <= tol), (kern, rows, cols, rpb, acc, float(err.max()))
+
+
 @pytest.mark.parametrize("v", ["", "_v1"])
 @pytest.mark.parametrize("qtype,d,vocab,grid", [("Q6_K", 3584, 1001, 7), ("Q4_K", 1024, 4097, 132),
                                                 ("Q6_K", 4096, 77, 200)])
@@ -426,13 +453,18 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"stream": 1, "st_warp": 0}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_lpr": 16, "ks_units": 2}),
                # fd_gate_up without the register cap (the 0.5B's 512-thread grid takes fd_gate_up_b2 by default)
-               ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_b2": 0})]
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_b2": 0}),
+               # the x-resident down projection (fd_matvec_xr_q6k here: the cuts' down layers are Q6_K)
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"down_xr": 1}),
+               ("qwen2", "q4_k_m", "tiny", {"down_xr": 1}),  # layer 0's down is Q4_K, layer 1's Q6_K
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"down_xr": 1, "xr_rb": 4,
+                                                                            "xr_blocks_per_sm": 2})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v) else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v) else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

@@ -2597,3 +2597,105 @@ FD_XR_KERNEL(fd_matvec_xr_q4k_r1, W4K, 1)
 FD_XR_KERNEL(fd_matvec_xr_q6k_r1, W6K, 1)
 FD_XR_KERNEL(fd_matvec_xr_q4k_r4, W4K, 4)
 FD_XR_KERNEL(fd_matvec_xr_q6k_r4, W6K, 4)
+
+// fd_gate_up_xr_q4k: fd_gate_up's work for all-Q4_K gate / up rows (d % 256 == 0, d <= FD_SXS) in
+// one wave of blocks that loop over the 32-row blocks b = blockIdx.x, + gridDim.x, ...: every block
+// stages the normalized x once (not once per 32 rows), then each group of tpg = ceil(d / 64 / warp)
+// warps' threads keeps one 64-value unit of x in registers (as fd_matvec_xr) and walks its rows
+// g, g + G, ... of each 32-row block (G = blockDim / tpg groups), RB row pairs (gate[r], up[r]) per
+// step, the next step's loads issued before this step's math (the first before the wait). Each warp
+// sums its lanes into pg / pu[parity][row][warp of the group]; when a 32-row block is complete the
+// block syncs and warp 0 adds the group's warps in order, applies SwiGLU and writes act and its
+// quantized block (fd_quant32) while the others go on with the next block's rows (the partials of
+// consecutive blocks alternate between two buffers). Same arguments as fd_gate_up (lpr unused).
+template <int RB>
+RF_DEV void fd_gate_up_xr_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state,
+                               const float* __restrict__ resid, rf_i64 norm_off, float eps, int d, rf_i64 offg,
+                               rf_i64 rbg, rf_i64 offu, rf_i64 rbu, int d_ff, float* __restrict__ act, int* oh, int* ol,
+                               float* os, float* osum) {
+    __shared__ FdXsN<FD_SXS> xsh;
+    __shared__ float red[32];
+    __shared__ float pg[2][32][2], pu[2][32][2];  // [parity][row of the 32][warp of the group] (tpg <= 64)
+    const int n_units = d / 64;
+    const int tpg = (n_units + WARP_SIZE - 1) / WARP_SIZE * WARP_SIZE, wpg = tpg / WARP_SIZE;
+    const int G = (int)blockDim.x / tpg, g = (int)threadIdx.x / tpg, t = (int)threadIdx.x % tpg, wig = t / WARP_SIZE;
+    const bool act_t = t < n_units && g < G;
+    const int blk = t / W4K::UPB, u = t - blk * W4K::UPB;
+    const int nrb = d_ff / 32, R = 32 / G, gs = (int)gridDim.x;
+    const int nj = (nrb - (int)blockIdx.x + gs - 1) / gs * R;  // this group's rows (block-uniform)
+    auto rowof = [&](int j) { return 32 * ((int)blockIdx.x + (j / R) * gs) + g + G * (j % R); };
+    const rf_u8* wg0 = arena + offg + (rf_i64)blk * W4K::BS;
+    const rf_u8* wu0 = arena + offu + (rf_i64)blk * W4K::BS;
+    W4K::W ga[RB], ua[RB], gb[RB], ub[RB];
+    auto load = [&](W4K::W* gw, W4K::W* uw, int j) {
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            if (act_t && j + k < nj) {
+                const int r = rowof(j + k);
+                W4K::load(wg0 + (rf_i64)r * rbg, u, gw[k]);
+                W4K::load(wu0 + (rf_i64)r * rbu, u, uw[k]);
+            }
+        }
+    };
+    load(ga, ua, 0);
+    fd_pdl_sync();
+    const int done = state[FD_ST_DONE];
+    const FdX X = fd_stage_norm(resid, (const float*)(arena + norm_off), d, eps, &xsh, red);
+    if (done || nj == 0) return;  // block-uniform
+    int h[16], l[16];
+    float s[2], sum[2];
+    if (act_t) W4K::ldx(X, blk * W4K::QK, u, h, l, s, sum);
+    auto step = [&](W4K::W* gw, W4K::W* uw, int j) {
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            const int jj = j + k;
+            if (jj >= nj) break;  // block-uniform
+            float vg = 0.0f, vu = 0.0f;
+            if (act_t) {
+                vg = W4K::dot(gw[k], u, h, l, s, sum, 0);
+                vu = W4K::dot(uw[k], u, h, l, s, sum, 0);
+            }
+            vg = rf_warp_sum(vg);
+            vu = rf_warp_sum(vu);
+            const int par = (jj / R) & 1, kk = g + G * (jj % R);
+            if (rf_lane() == 0 && g < G) {
+                pg[par][kk][wig] = vg;
+                pu[par][kk][wig] = vu;
+            }
+            if ((jj + 1) % R == 0) {  // the 32-row block jj / R is complete (block-uniform)
+                __syncthreads();
+                if (threadIdx.x < WARP_SIZE) {
+                    const int k32 = (int)threadIdx.x;
+                    const bool ok = k32 < 32;
+                    const int rbk = (int)blockIdx.x + (jj / R) * gs;
+                    float v = 0.0f;
+                    if (ok) {
+                        float sg = 0.0f, su = 0.0f;
+                        for (int q = 0; q < wpg; ++q) {
+                            sg += pg[par][k32][q];
+                            su += pu[par][k32][q];
+                        }
+                        v = fd_swiglu(sg, su);
+                        act[32 * rbk + k32] = v;
+                    }
+                    fd_quant32(v, rbk, ok, oh, ol, os, osum);
+                }
+            }
+        }
+    };
+    for (int j = 0; j < nj; j += 2 * RB) {  // block-uniform
+        load(gb, ub, j + RB);
+        step(ga, ua, j);
+        if (j + RB >= nj) break;
+        load(ga, ua, j + 2 * RB);
+        step(gb, ub, j + RB);
+    }
+}
+#define FD_GATE_UP_XR_KERNEL(name, RB)                                                                   \
+    RF_KERNEL FD_LBT(256, 1) void name(FD_GATE_UP_ARGS) {                                                \
+        (void)tg; (void)tu; (void)lpr;                                                                   \
+        fd_gate_up_xr_impl<RB>(arena, state, resid, norm_off, eps, d, offg, rbg, offu, rbu, d_ff, act, oh, ol, os, \
+                               osum);                                                                    \
+    }
+FD_GATE_UP_XR_KERNEL(fd_gate_up_xr_q4k, 2)
+FD_GATE_UP_XR_KERNEL(fd_gate_up_xr_q4k_r1, 1)

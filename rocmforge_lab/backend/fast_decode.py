@@ -93,6 +93,7 @@ STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 # down slower (stream 1: 239, stream 1 without down: 288). v11, with the per-warp ring (st_warp) and
 # the one-pass attention merge: output 309 -> 311-313 tok/s (on); down 264 (off).
 STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
+GATE_UP_XR_DEFAULT = 0  # tune "gate_up_xr": the gate/up through fd_gate_up_xr_q4k (DecodePlan._gate_up_xr)
 DOWN_XR_DEFAULT = 0     # tune "down_xr": the down projection through fd_matvec_xr_<q> (DecodePlan._xr_launch)
 XR_MAX_THREADS = 384    # FD_XR_T: most threads per fd_matvec_xr block (cols <= 64 x 384)
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
@@ -385,14 +386,17 @@ class DecodePlan:
             # threads fd_gate_up_b2 (tune "gate_up_b2"), so 2 blocks fit a multiprocessor
             gthreads = self.tune.get("gate_up_threads") or (
                 32 * lpr if (lpr <= 16 and ff // 32 < 2 * self.n_sm and not any_(wg, wu)) else 256)
-            gstream = self._stream_name("fd_gate_up", "gate_up", (wg, wu))
-            gwide = "" if gstream else self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
+            gxr = self._gate_up_xr(d, ff, wg, wu)
+            gstream = "" if gxr else self._stream_name("fd_gate_up", "gate_up", (wg, wu))
+            gwide = "" if (gxr or gstream) else self._wide_name("fd_gate_up", "gate_up", (wg, wu), max(gthreads, 64))
             gname = gstream or gwide or f"fd_gate_up{any_(wg, wu)}"
             if gname == "fd_gate_up" and gthreads == 512 and int(self.tune.get("gate_up_b2", GATE_UP_B2_DEFAULT)):
                 gname = "fd_gate_up_b2"  # <= 64 registers: 2 blocks of 512 threads per multiprocessor
+            ggrid, gblock = (ff // 32,), (STREAM_THREADS if gstream else max(gthreads, 64),)
+            if gxr:
+                gname, ggrid, gblock = gxr
             L.append(Launch(
-                gname, (ff // 32,),
-                (STREAM_THREADS if gstream else max(gthreads, 64),),
+                gname, ggrid, gblock,
                 (Buf("arena"), Buf("state"), Buf("resid"), norm(p + "ffn_norm.weight"), eps, _i32(d),
                  _i32(QTYPE_ID[wg.qtype]), _i64(wg.offset),
                  _i64(wg.row_bytes), _i32(QTYPE_ID[wu.qtype]), _i64(wu.offset), _i64(wu.row_bytes), _i32(ff),
@@ -550,6 +554,29 @@ class DecodePlan:
              Buf("resid"), _i32(1), None, _i64(-1), _f32(self.cfg.rms_eps), None, None, None, None,
              _i32(bool(pair)), _i32(lpr), _i32(ks)),
             label, kind, w.nbytes)
+
+    def _gate_up_xr(self, d: int, ff: int, wg: WeightRef, wu: WeightRef):
+        """(kernel, grid, block) of the x-resident gate/up (fd_gate_up_xr_q4k: one wave of blocks
+        looping over the 32-row blocks, every block staging the normalized x once, each thread one
+        64-value unit of x in registers) where gate and up are Q4_K (rows 16-byte aligned), d_model %
+        256 == 0 and d_model <= STREAM_XS_MAX; tune "gate_up_xr" (default GATE_UP_XR_DEFAULT),
+        "xr_gate_up_bps" (blocks per multiprocessor, default 1), "xr_gate_up_threads" (default 256:
+        groups of ceil(d / 64 / warp) warps, a power-of-two number of groups), "xr_gate_up_rb" (row
+        pairs per step, 1 or 2; default 2). None where it does not apply."""
+        if not int(self.tune.get("gate_up_xr", GATE_UP_XR_DEFAULT)):
+            return None
+        if (self._k_type("gate_up", (wg, wu)) != "Q4_K" or d % 256 or d > STREAM_XS_MAX
+                or any(w.offset % 16 or w.row_bytes % 16 for w in (wg, wu))):
+            return None
+        tpg = -(-(d // 64) // self.warp_size) * self.warp_size
+        threads = int(self.tune.get("xr_gate_up_threads", 256))
+        groups = max(1, min(32, threads // tpg))
+        groups = 1 << (groups.bit_length() - 1)  # a power of two: 32 rows split evenly
+        rb = int(self.tune.get("xr_gate_up_rb", 2))
+        if rb not in (1, 2):
+            raise ValueError(f"tune xr_gate_up_rb {rb} (1 or 2)")
+        grid = min(ff // 32, int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm)
+        return "fd_gate_up_xr_q4k" + ("" if rb == 2 else "_r1"), (grid,), (groups * tpg,)
 
     def _xr_launch(self, w: WeightRef, x: str, label: str, kind: str) -> Launch | None:
         """The x-resident kernel for the down projection (fd_matvec_xr_q4k / _q6k): each thread keeps

@@ -161,7 +161,7 @@ def test_emu_fused_matvec_tail():
     assert np.all(np.abs(_dequant_x(out) - n) <= 2e-5 * np.abs(n).max())
 
 
-def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_warp=0):
+def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_warp=0, grid=None):
     """act = silu(W_gate n) * (W_up n), n = RMSNorm(x) * w, and its quantized copy, on the emulator
     against float64 NumPy; then with the done flag set the kernel writes nothing."""
     rng = np.random.default_rng(seed)
@@ -176,7 +176,8 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     out = (np.zeros(ff // 4, np.int32), np.zeros(ff // 4, np.int32), np.zeros(ff // 32, np.float32),
            np.zeros(ff // 16, np.float32))
     args = (arena, state, x, on, 1e-5, d, QTYPE_ID[tg], og, R.row_bytes(tg, d), QTYPE_ID[tu], ou, R.row_bytes(tu, d), ff)
-    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act, *out, lpr)
+    grid = grid or ff // 32  # the xr kernels: fewer blocks, each looping over 32-row blocks
+    mod(ws, st_warp).launch(kern, (grid,), (threads,), *args, act, *out, lpr)
     n = R.rms_norm_ref(x, nw, 1e-5)
     g, u = wg @ n, wu @ n
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g (result 0)
@@ -188,7 +189,7 @@ def _check_emu_gate_up(tg, tu, d, ff, kern, threads, lpr, ws=32, seed=12, st_war
     assert np.all(np.abs(_dequant_x(out) - act) <= 2e-5 * np.abs(act).max())  # its quantized copy
     state[2] = 1
     act2 = np.full(ff, 7.0, np.float32)
-    mod(ws, st_warp).launch(kern, (ff // 32,), (threads,), *args, act2, *out, lpr)
+    mod(ws, st_warp).launch(kern, (grid,), (threads,), *args, act2, *out, lpr)
     assert np.all(act2 == 7.0)
 
 
@@ -214,6 +215,17 @@ def test_emu_fused_gate_up_qwen05b_rows(threads, lpr, kern):
                                              (4096, 32, 32, 1)])
 def test_emu_stream_gate_up(d, ff, ws, st_warp):
     _check_emu_gate_up("Q4_K", "Q4_K", d, ff, "fd_gate_up_s_q4k", 128, 0, ws=ws, seed=d + ws, st_warp=st_warp)
+
+
+# fd_gate_up_xr_q4k: one wave of blocks looping over the 32-row blocks. d 768: 12 units (one warp,
+# 20 idle lanes) x 4 / 8 groups; 2560: 40 units (two warps per group at warp 32, one at 64); grid 3
+# over 7 / 5 row blocks: blocks with 3 / 2 / 2 (2 / 2 / 1) of them, so both partial buffers alternate
+@pytest.mark.parametrize("d,ff,threads,grid,ws,kern", [(768, 224, 128, 3, 32, "fd_gate_up_xr_q4k"),
+                                                       (768, 160, 256, 3, 32, "fd_gate_up_xr_q4k_r1"),
+                                                       (2560, 224, 256, 3, 32, "fd_gate_up_xr_q4k"),
+                                                       (2560, 160, 256, 2, 64, "fd_gate_up_xr_q4k")])
+def test_emu_xr_gate_up(d, ff, threads, grid, ws, kern):
+    _check_emu_gate_up("Q4_K", "Q4_K", d, ff, kern, threads, 0, ws=ws, seed=d + ff, grid=grid)
 
 
 def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
@@ -525,7 +537,7 @@ PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream"
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
               ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
               ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1}),  # the stream kernels, one ring per warp
-              ("qwen2", "q4_k_m", "f16", {"down_xr": 1})]  # the x-resident down projection (Q4_K, Q6_K layers)
+              ("qwen2", "q4_k_m", "f16", {"down_xr": 1, "gate_up_xr": 1})]  # the x-resident down (Q4_K, Q6_K layers), gate/up
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
@@ -545,7 +557,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
                                             for k, on in STREAM_DEFAULTS.items())
     assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
     n_xr = [l.kernel for l in dec.plan.launches if "_xr_" in l.kernel]
-    assert n_xr == (["fd_matvec_xr_q4k", "fd_matvec_xr_q6k"] if tune.get("down_xr") else []), n_xr
+    assert n_xr == (["fd_gate_up_xr_q4k", "fd_matvec_xr_q4k", "fd_gate_up_xr_q4k", "fd_matvec_xr_q6k"]
+                    if tune.get("down_xr") else []), n_xr
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

@@ -131,7 +131,7 @@ def test_fused_matvec_wide_vs_numpy(backend, qtype, kern, rows, cols):
     _check_matvec(backend, qtype, rows, cols, rows * 11 + cols, cases)
 
 
-def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0):
+def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0, grid=None):
     """Run fd_gate_up kernel `kern` on random tg / tu gate / up weights and a random residual; check
     act = silu(W_gate n) * (W_up n), n = RMSNorm(x), and its quantized copy, against float64 NumPy."""
     import cupy
@@ -145,7 +145,7 @@ def _check_gate_up(backend, rng, d, ff, tg, tu, kern, threads, pf=0):
     state = cupy.asarray(np.array([5, 0, 0, 0], np.int32))
     act = cupy.full(ff, np.nan, np.float32)
     out = _xbufs(ff)
-    _fn(kern)((ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
+    _fn(kern)((grid or ff // 32,), (threads,), (arena, state, cupy.asarray(x), _i64(on), np.float32(1e-6), _i32(d),
                                         _i32(QID[tg]), _i64(og), _i64(R.row_bytes(tg, d)),
                                         _i32(QID[tu]), _i64(ou), _i64(R.row_bytes(tu, d)), _i32(ff), act, *out,
                                         _i32(min(32, backend.warp_size) | pf << 8)))
@@ -168,6 +168,16 @@ def test_fused_gate_up_wide_vs_numpy(backend):
     rng = np.random.default_rng(7)
     for tg, tu, threads, pf in (("Q4_K", "Q4_K", 256, 0), ("Q4_K", "Q6_K", 128, 1)):
         _check_gate_up(backend, rng, 1024, 320, tg, tu, "fd_gate_up_w1_q4k", threads, pf)
+
+
+@pytest.mark.parametrize("kern", ["fd_gate_up_xr_q4k", "fd_gate_up_xr_q4k_r1"])
+def test_fused_gate_up_xr_vs_numpy(backend, kern):
+    """fd_gate_up_xr_q4k (one wave of blocks looping over the 32-row blocks, x in registers): d 3584
+    (the 7B's rows: 56 units per group) with 132 blocks over 270 row blocks (blocks of 3 and 2 row
+    blocks); d 1024 with 7 blocks over 40 row blocks and 8 groups of 32 threads."""
+    rng = np.random.default_rng(9)
+    _check_gate_up(backend, rng, 3584, 8640, "Q4_K", "Q4_K", kern, 256, grid=132)
+    _check_gate_up(backend, rng, 1024, 1280, "Q4_K", "Q4_K", kern, 256, grid=7)
 
 
 def test_fused_gate_up_stream_vs_numpy(backend):
@@ -212,11 +222,11 @@ def test_fused_matvec_stream_vs_numpy(backend, qtype, rows, cols, rpb, v):
 
 @pytest.mark.parametrize("rbs", ["", "_r1", "_r4"])  # rows per step: 2 (default), 1, 4
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-@pytest.mark.parametrize("rows,cols,rpb", [(37, 256, 5), (300, 4864, 40), (64, 18944, 7), (3584, 18944, 28)])
+@pytest.mark.parametrize("rows,cols,rpb", [(37, 256, 5), (300, 4864, 40), (64, 18944, 7), (900, 18944, 28)])
 def test_fused_matvec_xr_vs_numpy(backend, qtype, rows, cols, rpb, rbs):
     """fd_matvec_xr_<q> (the down projection's x-resident kernel): one 64-value unit of x per thread in
     registers, rows in runs of rpb per block (rounds of 32 rows; 18944 columns: the 7B's down rows,
-    296 units in 10 warps; 3584 x 18944: the whole 7B matrix in the plan's 128-block grid)."""
+    296 units in 10 warps; rpb 28: the 7B plan's rows per block)."""
     import cupy
 
     rng = np.random.default_rng(rows + cols + len(rbs))
@@ -456,7 +466,8 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_b2": 0}),
                # the x-resident down projection (fd_matvec_xr_q6k here: the cuts' down layers are Q6_K)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"down_xr": 1}),
-               ("qwen2", "q4_k_m", "tiny", {"down_xr": 1}),  # layer 0's down is Q4_K, layer 1's Q6_K
+               ("qwen2", "q4_k_m", "tiny", {"down_xr": 1, "gate_up_xr": 1}),  # layer 0's down is Q4_K, layer 1's Q6_K
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"gate_up_xr": 1, "xr_gate_up_rb": 1}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"down_xr": 1, "xr_rb": 4,
                                                                             "xr_blocks_per_sm": 2})]
 
@@ -464,7 +475,7 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v) else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v or "gate_up_xr" in v) else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

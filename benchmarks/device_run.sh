@@ -10,7 +10,8 @@
 #   tune     benchmarks/gpu_decode.py --tune over TUNES (launch / build variants beside the defaults)
 #   ncu      Nsight Compute on one eager step: the 5 kernels of layer 3 per model (NCU_SPECS
 #            "key:n_layer ..."), sections SpeedOfLight / Occupancy / LaunchStats / WarpStateStats /
-#            SchedulerStats / MemoryWorkloadAnalysis (the whole report in $OUT/ncu_<key>.txt)
+#            SchedulerStats / MemoryWorkloadAnalysis (the whole report in $OUT/ncu_<key>.txt); NCU_TUNE:
+#            the decoder's tune (e.g. down_xr=1+gate_up_xr=1)
 #   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph (default) vs the
 #            full grid (att_min_splits 0)
 # MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
@@ -42,7 +43,7 @@ for what in "$@"; do
                      -k regex:'fd_(qkv|attn|oproj|matvec|gate_up)' --launch-skip $((5 * nl + 15)) --launch-count 5 \
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                      --section SchedulerStats --section MemoryWorkloadAnalysis \
-                     python3 benchmarks/ncu_step.py "$key" > "$OUT/ncu_$key.txt" 2>&1
+                     python3 benchmarks/ncu_step.py "$key" ${NCU_TUNE:-} > "$OUT/ncu_$key.txt" 2>&1
                  grep -E '^  fd_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|L2 Hit|Mem Busy' \
                      "$OUT/ncu_$key.txt" | head -120
              done ;;

@@ -59,6 +59,8 @@
 // with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers. H100, 7B shape
 // (benchmarks/RESULTS.md v8): the gate/up kernel is faster (the decode plan's default where
 // asynchronous copies exist), the down kernel slower and the output kernel no faster in the graph.
+// The x-resident kernels (fd_matvec_xr_q4k / _q6k, fd_gate_up_xr_q4k; end of this file) keep one
+// 64-value unit of x per thread in registers for the whole kernel and stream every row past it.
 // References: tests/gpu/test_fast_decode.py (GPU) and tests/gpu/test_emu_fused.py (CPU emulator).
 #include "compat.h"
 #include "quant_blocks.h"

@@ -33,7 +33,11 @@ shape) take the stream kernels instead where the device has asynchronous copies 
 `fd_output_s_q6k`: each warp's row pairs copied through its own ring of shared-memory stages with
 asynchronous copies, the first stages issued before the programmatic-launch wait; the default build
 `build_options({})` lets each warp run ahead on its ring, FD_ST_WARP; the down stream kernel is
-opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`).
+opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`). The x-resident kernels (tunes "down_xr",
+"gate_up_xr": `DecodePlan._xr_launch`, `DecodePlan._gate_up_xr`) give each thread one 64-value unit
+of x in registers for the whole kernel and stream the rows past it: a Q4_K / Q6_K down projection
+(x read once per block instead of once per row pair and lane group) and an all-Q4_K gate/up in one
+wave of blocks (the normalized residual staged once per block instead of once per 32 rows).
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed

@@ -2509,87 +2509,101 @@ RF_KERNEL void fd_matvec_s_q6k(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 3, FD_S
 RF_KERNEL void fd_matvec_s_q4k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W4K, 4, 1024>(FD_MATVEC_S_PASS); }
 RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1024>(FD_MATVEC_S_PASS); }
 
-// ---- the x-resident matvec (long Q4_K / Q6_K rows: the 7B's down projection) -------------------
-// fd_matvec_xr_<q>: y[r] (+)= W[r] . x for the rows r0 .. min(r0 + rpb, rows) - 1 of block b (r0 =
-// b rpb), x the quantized vector (the down projection's input). Thread t owns the 64-value unit t
-// of every row (W4K / W6K; blockDim >= cols / 64, the threads past the last unit idle): it loads
-// its unit of x into registers once, after the programmatic-launch wait, then walks the block's
-// rows RB at a time, each step's loads issued before the previous step's math (the first step's
-// before the wait: weights only). So x is read from L2 once per block, not once per row (pair) and
-// lane group as in fd_matvec, and a warp's loads of a row are one contiguous run (8 Q4_K blocks:
-// 1,152 bytes). Each warp sums its lanes (shuffles) per row into red[row][warp]; every FD_XR_R rows
-// the block adds the warps' partials in warp order (deterministic) and writes y.
+// ---- the x-resident matvec (long Q4_K / Q6_K rows: the 7B's down and o-projections) ------------
+// y[r] (+)= W[r] . x for the rows r0 .. min(r0 + rpb, rows) - 1 of block b (r0 = b rpb). The block is
+// G groups of tpg = ceil(cols / 64 / warp) warps' threads (G = blockDim / tpg, a power of two <=
+// FD_XR_R); thread t of a group owns the 64-value unit t of every row (W4K / W6K; the threads past
+// the last unit idle): it loads its unit of x into registers once, after the programmatic-launch
+// wait, then walks its group's rows (the block's rows g, g + G, ...) RB at a time, each step's loads
+// issued before the previous step's math (the first step's before the wait: weights only). So x is
+// read once per thread instead of once per row (pair) and lane group as in fd_matvec, and a warp's
+// loads of a row are one contiguous run (8 Q4_K blocks: 1,152 bytes). Each warp sums its lanes
+// (shuffles) per row into red[row][warp]; every FD_XR_R rows the block adds each row's warps in
+// order (deterministic) and writes y. get_x() (after the wait; every thread calls it) returns x, or
+// sets `done` to skip the kernel.
 #define FD_XR_R 32  // rows per round of the block's partial dots
 #define FD_XR_W 32  // most warps per block
 #define FD_XR_T 384 // most threads per block (cols <= 64 FD_XR_T: DecodePlan._xr_launch)
+template <class D, int RB, class GetX>
+RF_DEV void fd_xr_rows(const rf_u8* __restrict__ arena, rf_i64 off, rf_i64 rb, int rows, int cols, float* y,
+                       int accumulate, int rpb, GetX get_x) {
+    __shared__ float red[FD_XR_R][FD_XR_W];
+    const int n_units = cols / 64;
+    const int tpg = (n_units + WARP_SIZE - 1) / WARP_SIZE * WARP_SIZE, wpg = tpg / WARP_SIZE;
+    const int G = (int)blockDim.x / tpg, g = (int)threadIdx.x / tpg, t = (int)threadIdx.x % tpg, w = rf_warp();
+    const bool act = t < n_units && g < G;
+    const int blk = t / D::UPB, u = t - blk * D::UPB;
+    const rf_u8* wp = arena + off + (rf_i64)blk * D::BS;  // this thread's unit of row 0
+    const int rbeg = (int)blockIdx.x * rpb, nrows = min(rpb, rows - rbeg);
+    const int nj = nrows > 0 ? (nrows + G - 1) / G : 0;  // steps of every group (block-uniform)
+    typename D::W wa[RB], wb[RB];
+    auto load = [&](typename D::W* wv, int j) {  // this group's rows j .. j + RB - 1
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            const int i = g + G * (j + k);
+            if (act && i < nrows) D::load(wp + (rf_i64)(rbeg + i) * rb, u, wv[k]);
+        }
+    };
+    load(wa, 0);
+    fd_pdl_sync();
+    bool done = false;
+    const FdX X = get_x(done);
+    if (done || nj == 0) return;  // block-uniform
+    int h[16], l[16];
+    float s[D::NR], sum[D::NR];
+    if (act) D::ldx(X, blk * D::QK, u, h, l, s, sum);
+    int i_round = 0;  // the first row of the round
+    auto step = [&](typename D::W* wv, int j) {
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            if (j + k >= nj) break;  // block-uniform
+            const int i = g + G * (j + k);
+            float v = 0.0f;
+            if (act && i < nrows) {
+                const rf_u8* p = wp + (rf_i64)(rbeg + i) * rb;  // Q6_K: the block's misalignment in bits
+                v = D::dot(wv[k], u, h, l, s, sum, 8 * (int)((unsigned long long)p & 2));
+            }
+            v = rf_warp_sum(v);
+            if (rf_lane() == 0 && g < G) red[i % FD_XR_R][w] = v;
+            const int i_next = G * (j + k + 1);  // the first row of the next step
+            if (i_next - i_round == FD_XR_R || j + k + 1 == nj) {  // the round is complete (block-uniform)
+                const int n = min(i_next, nrows) - i_round;
+                __syncthreads();
+                for (int q = (int)threadIdx.x; q < n; q += (int)blockDim.x) {
+                    const int ir = i_round + q, w0 = (ir % G) * wpg;
+                    float v2 = 0.0f;
+                    for (int e = 0; e < wpg; ++e) v2 += red[ir % FD_XR_R][w0 + e];
+                    y[rbeg + ir] = (accumulate ? y[rbeg + ir] : 0.0f) + v2;
+                }
+                __syncthreads();
+                i_round = i_next;
+            }
+        }
+    };
+    for (int j = 0; j < nj; j += 2 * RB) {  // block-uniform
+        load(wb, j + RB);
+        step(wa, j);
+        if (j + RB >= nj) break;
+        load(wa, j + 2 * RB);
+        step(wb, j + RB);
+    }
+}
+
+// fd_matvec_xr_<q>: the down projection (x: the quantized SwiGLU output; arguments as fd_matvec_s)
 template <class D, int RB>
 RF_DEV void fd_matvec_xr_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, rf_i64 off, rf_i64 rb,
                               int rows, int cols, const int* xh, const int* xl, const float* xs, const float* xsum,
                               float* y, int accumulate, int rpb) {
-    __shared__ float red[FD_XR_R][FD_XR_W];
-    const int t = (int)threadIdx.x, w = rf_warp(), nw = (int)(blockDim.x / WARP_SIZE);
-    const int n_units = cols / 64;
-    const bool act = t < n_units;
-    const int blk = t / D::UPB, u = t - blk * D::UPB;
-    const rf_u8* wp = arena + off + (rf_i64)blk * D::BS;  // this thread's unit of row 0
-    const int rbeg = (int)blockIdx.x * rpb, rend = min(rbeg + rpb, rows);
-    int done = 0;
-    if (state != nullptr) done = fd_ld_state(state, FD_ST_DONE);
-    typename D::W wa[RB], wb[RB];
-    auto load = [&](typename D::W* wv, int r) {
-#pragma unroll
-        for (int k = 0; k < RB; ++k)
-            if (act && r + k < rend) D::load(wp + (rf_i64)(r + k) * rb, u, wv[k]);
-    };
-    load(wa, rbeg);
-    fd_pdl_sync();
-    if (done || rbeg >= rend) return;  // block-uniform
-    int h[16], l[16];
-    float s[D::NR], sum[D::NR];
-    if (act) {
+    const int done0 = state != nullptr ? fd_ld_state(state, FD_ST_DONE) : 0;
+    fd_xr_rows<D, RB>(arena, off, rb, rows, cols, y, accumulate, rpb, [&](bool& done) {
+        done = done0 != 0;
         FdX X;
         X.h = xh;
         X.l = xl;
         X.s = xs;
         X.sum16 = xsum;
-        D::ldx(X, blk * D::QK, u, h, l, s, sum);
-    }
-    // rows r .. r + RB - 1: each warp's partial dots into red
-    auto step = [&](typename D::W* wv, int r) {
-#pragma unroll
-        for (int k = 0; k < RB; ++k) {
-            float v = 0.0f;
-            if (act && r + k < rend) {
-                const rf_u8* p = wp + (rf_i64)(r + k) * rb;  // Q6_K: the block's misalignment in bits
-                v = D::dot(wv[k], u, h, l, s, sum, 8 * (int)((unsigned long long)p & 2));
-            }
-            v = rf_warp_sum(v);
-            if (rf_lane() == 0) red[(r + k - rbeg) % FD_XR_R][w] = v;
-        }
-    };
-    // after the step at r: the round's rows are complete at a round boundary or the block's last row
-    int r_round = rbeg;
-    auto flush = [&](int r_next) {
-        if (r_next - r_round < FD_XR_R && r_next < rend) return;  // block-uniform
-        const int n = min(r_next, rend) - r_round;
-        __syncthreads();
-        for (int k = t; k < n; k += (int)blockDim.x) {
-            float v = 0.0f;
-            for (int q = 0; q < nw; ++q) v += red[k][q];
-            y[r_round + k] = (accumulate ? y[r_round + k] : 0.0f) + v;
-        }
-        __syncthreads();
-        r_round = r_next;
-    };
-    for (int r = rbeg; r < rend; r += 2 * RB) {  // block-uniform
-        load(wb, r + RB);
-        step(wa, r);
-        flush(r + RB);
-        if (r + RB >= rend) break;
-        load(wa, r + 2 * RB);
-        step(wb, r + RB);
-        flush(r + 2 * RB);
-    }
+        return X;
+    });
 }
 #define FD_XR_KERNEL(name, D, RB) \
     RF_KERNEL FD_LBT(FD_XR_T, 1) void name(FD_MATVEC_S_ARGS) { fd_matvec_xr_impl<D, RB>(FD_MATVEC_S_PASS); }
@@ -2599,6 +2613,40 @@ FD_XR_KERNEL(fd_matvec_xr_q4k_r1, W4K, 1)
 FD_XR_KERNEL(fd_matvec_xr_q6k_r1, W6K, 1)
 FD_XR_KERNEL(fd_matvec_xr_q4k_r4, W4K, 4)
 FD_XR_KERNEL(fd_matvec_xr_q6k_r4, W6K, 4)
+
+// fd_oproj_xr_<q>: fd_oproj's work (resid += W_o x; x merged by each block from the attention's split
+// partials while nsv * n_head * head_dim <= merge_max, else the vector fd_attn's merge wrote) through
+// fd_xr_rows: rows in runs of rpb per block (the arguments of fd_oproj; t, pair, lpr unused, ks = rpb)
+template <class D>
+RF_DEV void fd_oproj_xr_impl(const rf_u8* __restrict__ arena, const int* __restrict__ state, rf_i64 off, rf_i64 rb,
+                             int rows, int cols, const int* xh, const int* xl, const float* xs, const float* xsum,
+                             float* y, const float* part_acc, const float* part_ml, int n_head, int hd, int merge_max,
+                             int rpb) {
+    __shared__ FdXs xsh;
+    const int done0 = fd_ld_state(state, FD_ST_DONE), pos = fd_ld_state(state, FD_ST_POS);
+    fd_xr_rows<D, 2>(arena, off, rb, rows, cols, y, 1, rpb, [&](bool& done) {
+        done = done0 != 0;
+        const int nsv = (pos + FD_ATT_KEYS) / FD_ATT_KEYS;
+        FdX X;
+        if (!done && nsv * n_head * hd <= merge_max) {  // block-uniform
+            X = fd_stage_merge<2>(part_acc, part_ml, nsv, n_head, hd, &xsh);
+        } else {
+            X.h = xh;
+            X.l = xl;
+            X.s = xs;
+            X.sum16 = xsum;
+        }
+        return X;
+    });
+}
+#define FD_OPROJ_XR_KERNEL(name, D)                                                                       \
+    RF_KERNEL FD_LBT(FD_XR_T, 1) void name(FD_OPROJ_ARGS) {                                              \
+        (void)t; (void)pair; (void)lpr;                                                                   \
+        fd_oproj_xr_impl<D>(arena, state, off, rb, rows, cols, xh, xl, xs, xsum, y, part_acc, part_ml, n_head, hd, \
+                            merge_max, ks);                                                               \
+    }
+FD_OPROJ_XR_KERNEL(fd_oproj_xr_q4k, W4K)
+FD_OPROJ_XR_KERNEL(fd_oproj_xr_q6k, W6K)
 
 // fd_gate_up_xr_q4k: fd_gate_up's work for all-Q4_K gate / up rows (d % 256 == 0, d <= FD_SXS) in
 // one wave of blocks that loop over the 32-row blocks b = blockIdx.x, + gridDim.x, ...: every block

@@ -98,7 +98,7 @@ STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 # the one-pass attention merge: output 309 -> 311-313 tok/s (on); down 264 (off).
 STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
 GATE_UP_XR_DEFAULT = 0  # tune "gate_up_xr": the gate/up through fd_gate_up_xr_q4k (DecodePlan._gate_up_xr)
-DOWN_XR_DEFAULT = 0     # tune "down_xr": the down projection through fd_matvec_xr_<q> (DecodePlan._xr_launch)
+XR_DEFAULTS = {"down": 0, "o_proj": 0}  # tunes "down_xr" / "o_proj_xr": the x-resident kernels (DecodePlan._xr_shape)
 XR_MAX_THREADS = 384    # FD_XR_T: most threads per fd_matvec_xr block (cols <= 64 x 384)
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
@@ -530,6 +530,16 @@ class DecodePlan:
         any_ = "" if w.qtype in FAST_TYPES else "_any"
         if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
             cfg = self.cfg
+            xr = self._xr_shape(w, "o_proj") if (self.ls == "" and self.merge_v_suffix == "") else None
+            if xr is not None:  # the x-resident kernel: rows in runs of rpb per block (its ks argument)
+                name, grid, block, rpb = xr
+                return Launch(
+                    name.replace("fd_matvec_xr", "fd_oproj_xr"), grid, block,
+                    (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
+                     _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
+                     Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
+                     _i32(self.merge_max), _i32(0), _i32(0), _i32(rpb)),
+                    label, kind, w.nbytes)
             return Launch(
                 "fd_oproj" + any_ + self.ls + self.merge_v_suffix, grid, block,
                 (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
@@ -582,28 +592,47 @@ class DecodePlan:
         grid = min(ff // 32, int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm)
         return "fd_gate_up_xr_q4k" + ("" if rb == 2 else "_r1"), (grid,), (groups * tpg,)
 
-    def _xr_launch(self, w: WeightRef, x: str, label: str, kind: str) -> Launch | None:
-        """The x-resident kernel for the down projection (fd_matvec_xr_q4k / _q6k): each thread keeps
-        one 64-value unit of x in registers and walks its block's rows, so x is read once per block.
-        Where the matrix is all Q4_K (rows 16-byte aligned) or all Q6_K, cols % 256 == 0 and cols / 64
-        units fit one block (<= XR_MAX_THREADS threads); tune "down_xr" (default DOWN_XR_DEFAULT),
-        "xr_blocks_per_sm" (blocks per multiprocessor of the one-wave grid, default 1), "xr_rb"
-        (rows per step: 1, 2 or 4; default 2). None: not applicable (fd_matvec / the stream kernel)."""
-        if kind != "down" or not int(self.tune.get("down_xr", DOWN_XR_DEFAULT)):
+    def _xr_shape(self, w: WeightRef, kind: str):
+        """(kernel, grid, block, rows per block) of the x-resident matvec (fd_matvec_xr_q4k / _q6k;
+        the o-projection's fd_oproj_xr_<q>, two rows per step): each thread keeps one 64-value unit of
+        x in registers and walks its group's rows, so x is read once per thread. Where the matrix is
+        all Q4_K (rows 16-byte aligned) or all Q6_K, cols % 256 == 0 and a group of cols / 64 units
+        fits a block (<= XR_MAX_THREADS threads); else None. Tunes per kind ("down" / "o_proj"):
+        "<kind>_xr" (on / off; default XR_DEFAULTS), "xr_<kind>_bps" (blocks per multiprocessor of the
+        one-wave grid, default 1 / 2), "xr_<kind>_threads" (threads per block: groups of ceil(cols / 64
+        / warp) warps, a power-of-two number of groups; default one group / 256), "xr_rb" (down only:
+        rows per step, 1, 2 or 4; default 2)."""
+        if not int(self.tune.get(f"{kind}_xr", XR_DEFAULTS[kind])):
             return None
         t = self._k_type(kind, (w,))
         if not t or w.cols % 256 or (t == "Q4_K" and (w.offset % 16 or w.row_bytes % 16)):
             return None
-        threads = -(-(w.cols // 64) // self.warp_size) * self.warp_size
-        if threads > XR_MAX_THREADS:
+        tpg = -(-(w.cols // 64) // self.warp_size) * self.warp_size
+        if tpg > XR_MAX_THREADS:
             return None
-        rows_per_block = -(-w.rows // (int(self.tune.get("xr_blocks_per_sm", 1)) * self.n_sm))
-        rb = int(self.tune.get("xr_rb", 2))
+        threads = int(self.tune.get(f"xr_{kind}_threads", tpg if kind == "down" else 256))
+        groups = max(1, min(32, threads // tpg))
+        groups = 1 << (groups.bit_length() - 1)  # a power of two (<= 32: whole groups per round of rows)
+        while groups * tpg > XR_MAX_THREADS:
+            groups //= 2
+        bps = int(self.tune.get(f"xr_{kind}_bps", 1 if kind == "down" else 2))
+        rows_per_block = -(-w.rows // (bps * self.n_sm))
+        rb = int(self.tune.get("xr_rb", 2)) if kind == "down" else 2
         if rb not in (1, 2, 4):
             raise ValueError(f"tune xr_rb {rb} (1, 2 or 4)")
         name = f"fd_matvec_xr_{t.replace('_', '').lower()}" + ("" if rb == 2 else f"_r{rb}")
+        return name, (-(-w.rows // rows_per_block),), (groups * tpg,), rows_per_block
+
+    def _xr_launch(self, w: WeightRef, x: str, label: str, kind: str) -> Launch | None:
+        """The down projection through the x-resident kernel (`_xr_shape`), or None."""
+        if kind != "down":
+            return None
+        xr = self._xr_shape(w, kind)
+        if xr is None:
+            return None
+        name, grid, block, rows_per_block = xr
         return Launch(
-            name, (-(-w.rows // rows_per_block),), (threads,),
+            name, grid, block,
             (Buf("arena"), Buf("state"), _i64(w.offset), _i64(w.row_bytes), _i32(w.rows), _i32(w.cols),
              Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"), Buf("resid"), _i32(1), _i32(rows_per_block)),
             label, kind, w.nbytes)

@@ -264,7 +264,7 @@ def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb, v):
     _check_emu_stream_matvec(qtype, rows, cols, rpb, 32, rows + cols, st_warp=1, v=v)
 
 
-def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix=""):
+def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix="", groups=1):
     """fd_matvec_xr_<q>: y (+)= W x, one 64-value unit of x per thread held in registers, rows in runs
     of rpb per block, against float64 NumPy (tolerance as _check_emu_matvec's)."""
     rng = np.random.default_rng(seed)
@@ -276,7 +276,7 @@ def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix=""):
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(mod(ws), x)
     kern = f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rb_suffix}"
-    threads = -(-(cols // 64) // ws) * ws
+    threads = -(-(cols // 64) // ws) * ws * groups
     for acc in (0, 1):
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
         mod(ws).launch(kern, (-(-rows // rpb),), (threads,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols,
@@ -294,6 +294,15 @@ def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix=""):
                                                   (9, 2560, 3, 64, "_r4")])
 def test_emu_xr_matvec(qtype, rows, cols, rpb, ws, rbs):
     _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, rows + cols, rbs)
+
+
+# groups: 768 columns in 4 groups of 32 threads (rpb 70: a round of 32 rows = 8 steps of 4 groups;
+# the last step of 70 rows leaves groups 2 and 3 idle), 2560 in 2 groups of 64 (RB 4), wave64: 2 groups
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,rpb,ws,rbs,groups", [(75, 768, 70, 32, "", 4), (37, 2560, 9, 32, "_r4", 2),
+                                                         (37, 2560, 9, 64, "_r1", 2)])
+def test_emu_xr_matvec_groups(qtype, rows, cols, rpb, ws, rbs, groups):
+    _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, rows + cols, rbs, groups)
 
 
 @pytest.mark.parametrize("qtype,d,vocab,grid,ws,st_warp,v", [
@@ -342,6 +351,20 @@ def test_emu_stream_output(qtype, d, vocab, grid, ws, st_warp, v):
     (32, -2, 16, 640, 600, 32, None),      # -2: -1 with the one-pass merge (FD_ATT_MERGE1; 10 splits:
     (32, -2, 14, 1024, 300, 128, 8)])      # two rounds of 8)
 def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_splits, ls):
+    _attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_splits, ls)
+
+
+# fd_oproj_xr_<q>: 16 heads of 32 (512 columns: 8 units, one warp per group); 4 groups of 32 threads,
+# 5 rows per block (the last block 4); late merge (12288) and the attention's merged vector (0); 8
+# groups. (Wave64: the grouped rows are covered by test_emu_xr_matvec_groups; the emulator hangs in the
+# attention of 16 heads at wave64, whose shuffles it needs whole-warp uniform.)
+@pytest.mark.parametrize("wq", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("merge_max,ws,threads", [(12288, 32, 128), (0, 32, 128), (0, 32, 256)])
+def test_emu_attention_then_oproj_xr(wq, merge_max, ws, threads):
+    _attention_then_oproj(ws, merge_max, 16, 640, 600, threads, None, "", wq=wq, xr_rpb=5)
+
+
+def _attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_splits, ls, wq="Q8_0", xr_rpb=0):
     """fd_attn over several 64-key splits (the last one partial), then fd_oproj: resid += W_o attention.
     merge_max 12288: every o-proj block merges the split partials itself (late merge); 0: fd_attn's
     last block merges into xa; -1: 0 with FD_ATT_ZMERGE (the last block of each KV head and head slice
@@ -355,8 +378,8 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
     kc = (0.5 * rng.standard_normal((1, nkv, n_ctx, hd))).astype(np.float32)
     vc = rng.standard_normal((1, nkv, n_ctx, hd)).astype(np.float32)
     q = rng.standard_normal(nh * hd).astype(np.float32)
-    raw = R.random_tensor("Q8_0", d, nh * hd, rng)
-    wo = R.dequant_ref(raw, "Q8_0", d, nh * hd).astype(np.float64)
+    raw = R.random_tensor(wq, d, nh * hd, rng)
+    wo = R.dequant_ref(raw, wq, d, nh * hd).astype(np.float64)
     arena, (w_off,) = R.pack_arena(raw)
     state = np.array([pos, 0, 0, 0], np.int32)
     n_split = n_ctx // 64
@@ -382,8 +405,13 @@ def test_emu_attention_then_oproj(ws, merge_max, nh, n_ctx, pos, threads, grid_s
         assert np.all(np.isnan(out))  # nothing merged here
     base = rng.standard_normal(d).astype(np.float32)
     y = base.copy()
-    mod(ws).launch("fd_oproj" + ls, (3,), (threads,), arena, state, QTYPE_ID["Q8_0"], w_off,
-                   R.row_bytes("Q8_0", nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
+    if xr_rpb:  # the x-resident kernel: rows in runs of xr_rpb per block (its ks argument)
+        mod(ws).launch(f"fd_oproj_xr_{wq.replace('_', '').lower()}", (-(-d // xr_rpb),), (threads,), arena, state,
+                       QTYPE_ID[wq], w_off, R.row_bytes(wq, nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd,
+                       merge_max, 0, 32, xr_rpb)
+    else:
+        mod(ws).launch("fd_oproj" + ls, (3,), (threads,), arena, state, QTYPE_ID[wq], w_off,
+                       R.row_bytes(wq, nh * hd), d, nh * hd, *xa, y, part_acc, part_ml, nh, hd, merge_max, 0, 32, 1)
     ref = wo @ want + base
     tol = 1e-4 * (np.abs(wo) @ np.abs(want) + np.abs(base)) + 3e-5 * np.abs(wo).sum(1) * np.abs(want).max()
     assert np.all(np.abs(y - ref) <= tol), float(np.abs(y - ref).max())
@@ -537,7 +565,7 @@ PLAN_CASES = [("llama", "q4_1", "f32", {}), ("qwen2", "q4_k_m", "f16", {"stream"
               ("llama", "q4_1", "f16", {"early_state": False}),  # the "_ls" kernels (state read after the wait)
               ("qwen2", "q4_k_m", "f16", {"pf_l1": 1}),  # a build variant (compile_options; on the CPU a define only)
               ("qwen2", "q4_k_m", "f16", {"stream": 1, "st_warp": 1}),  # the stream kernels, one ring per warp
-              ("qwen2", "q4_k_m", "f16", {"down_xr": 1, "gate_up_xr": 1})]  # the x-resident down (Q4_K, Q6_K layers), gate/up
+              ("qwen2", "q4_k_m", "f16", {"down_xr": 1, "gate_up_xr": 1, "o_proj_xr": 1})]  # the x-resident kernels
 if os.environ.get("RF_EMU_FULL"):
     PLAN_CASES += [("qwen2", "q5_0", "f32", {}), ("llama", "q6_k", "f16", {})]
 
@@ -557,8 +585,8 @@ def test_emu_decode_plan_vs_numpy_engine(tmp_path, arch, qtype, kv, tune):
                                             for k, on in STREAM_DEFAULTS.items())
     assert (n_stream > 0) == want_stream, [l.kernel for l in dec.plan.launches]
     n_xr = [l.kernel for l in dec.plan.launches if "_xr_" in l.kernel]
-    assert n_xr == (["fd_gate_up_xr_q4k", "fd_matvec_xr_q4k", "fd_gate_up_xr_q4k", "fd_matvec_xr_q6k"]
-                    if tune.get("down_xr") else []), n_xr
+    assert n_xr == (["fd_oproj_xr_q4k", "fd_gate_up_xr_q4k", "fd_matvec_xr_q4k",  # layer 1's down: Q6_K
+                     "fd_oproj_xr_q4k", "fd_gate_up_xr_q4k", "fd_matvec_xr_q6k"] if tune.get("down_xr") else []), n_xr
     n_ls = sum(l.kernel.endswith("_ls") for l in dec.plan.launches)  # early state: attention only for head_dim <= 64
     assert n_ls == (3 * cfg.n_layer if not tune.get("early_state", True) else cfg.n_layer * (cfg.head_dim > 64))
     st = dec.bufs["state"]

@@ -466,16 +466,19 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"gate_up_b2": 0}),
                # the x-resident down projection (fd_matvec_xr_q6k here: the cuts' down layers are Q6_K)
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"down_xr": 1}),
-               ("qwen2", "q4_k_m", "tiny", {"down_xr": 1, "gate_up_xr": 1}),  # layer 0's down is Q4_K, layer 1's Q6_K
+               ("qwen2", "q4_k_m", "tiny", {"down_xr": 1, "gate_up_xr": 1, "o_proj_xr": 1}),  # layer 0's down is Q4_K, layer 1's Q6_K
+               # the x-resident o-projection: merge_max 0 (the attention's merged vector) and the late merge
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"o_proj_xr": 1, "merge_max": 0}),
+               ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"o_proj_xr": 1, "merge_max": 12288}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"gate_up_xr": 1, "xr_gate_up_rb": 1}),
                ("qwen2", "q4_k_m", {"base": "qwen2.5-0.5b", "n_layer": 2}, {"down_xr": 1, "xr_rb": 4,
-                                                                            "xr_blocks_per_sm": 2})]
+                                                                            "xr_down_bps": 2})]
 
 
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v or "gate_up_xr" in v) else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v or "gate_up_xr" in v or "o_proj_xr" in v) else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

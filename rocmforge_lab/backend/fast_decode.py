@@ -599,7 +599,7 @@ class DecodePlan:
         all Q4_K (rows 16-byte aligned) or all Q6_K, cols % 256 == 0 and a group of cols / 64 units
         fits a block (<= XR_MAX_THREADS threads); else None. Tunes per kind ("down" / "o_proj"):
         "<kind>_xr" (on / off; default XR_DEFAULTS), "xr_<kind>_bps" (blocks per multiprocessor of the
-        one-wave grid, default 1 / 2), "xr_<kind>_threads" (threads per block: groups of ceil(cols / 64
+        one-wave grid, default 1: ~140-170 registers per thread), "xr_<kind>_threads" (threads per block: groups of ceil(cols / 64
         / warp) warps, a power-of-two number of groups; default one group / 256), "xr_rb" (down only:
         rows per step, 1, 2 or 4; default 2)."""
         if not int(self.tune.get(f"{kind}_xr", XR_DEFAULTS[kind])):
@@ -615,7 +615,7 @@ class DecodePlan:
         groups = 1 << (groups.bit_length() - 1)  # a power of two (<= 32: whole groups per round of rows)
         while groups * tpg > XR_MAX_THREADS:
             groups //= 2
-        bps = int(self.tune.get(f"xr_{kind}_bps", 1 if kind == "down" else 2))
+        bps = int(self.tune.get(f"xr_{kind}_bps", 1))
         rows_per_block = -(-w.rows // (bps * self.n_sm))
         rb = int(self.tune.get("xr_rb", 2)) if kind == "down" else 2
         if rb not in (1, 2, 4):

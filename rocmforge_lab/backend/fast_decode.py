@@ -574,7 +574,7 @@ class DecodePlan:
         looping over the 32-row blocks, every block staging the normalized x once, each thread one
         64-value unit of x in registers) where gate and up are Q4_K (rows 16-byte aligned), d_model %
         256 == 0 and d_model <= STREAM_XS_MAX; tune "gate_up_xr" (default GATE_UP_XR_DEFAULT),
-        "xr_gate_up_bps" (blocks per multiprocessor, default 1), "xr_gate_up_threads" (default 256:
+        "xr_gate_up_bps" (blocks per multiprocessor, default 1; "xr_gate_up_grid": blocks), "xr_gate_up_threads" (default 256:
         groups of ceil(d / 64 / warp) warps, a power-of-two number of groups), "xr_gate_up_rb" (row
         pairs per step, 1 or 2; default 2). None where it does not apply."""
         if not int(self.tune.get("gate_up_xr", GATE_UP_XR_DEFAULT)):
@@ -589,7 +589,7 @@ class DecodePlan:
         rb = int(self.tune.get("xr_gate_up_rb", 2))
         if rb not in (1, 2):
             raise ValueError(f"tune xr_gate_up_rb {rb} (1 or 2)")
-        grid = min(ff // 32, int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm)
+        grid = min(ff // 32, int(self.tune.get("xr_gate_up_grid", 0)) or int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm)
         return "fd_gate_up_xr_q4k" + ("" if rb == 2 else "_r1"), (grid,), (groups * tpg,)
 
     def _xr_shape(self, w: WeightRef, kind: str):

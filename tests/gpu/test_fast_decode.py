@@ -478,7 +478,7 @@ BUILD_CASES = [("qwen2", "q4_k_m", {"base": "qwen2.5-7b", "n_layer": 1}, {"pf_l1
 @pytest.mark.parametrize("arch,qtype,shape,tune", [c + ({},) for c in CASES] + LATE_STATE_CASES + BUILD_CASES,
                          ids=lambda v: (v if isinstance(v, str) else
                                         v.get("base", ("stream" if v.get("stream") else
-                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v or "down_xr" in v or "gate_up_xr" in v or "o_proj_xr" in v) else
+                                                       "build" if ("pf_l1" in v or "fence_ar" in v or "att_zmerge" in v or "att_merge1" in v) else "xr" if any(k.endswith("_xr") for k in v) else "shape" if ("gate_up_lpr" in v or "gate_up_b2" in v) else
                                                        "late_state") if v else "")))
 def test_fast_logits_equal_step_logits(tmp_path_factory, arch, qtype, shape, tune):
     from rocmforge_lab.backend.fast_decode import FastDecoder

@@ -12,6 +12,9 @@
 #            "key:n_layer ..."), sections SpeedOfLight / Occupancy / LaunchStats / WarpStateStats /
 #            SchedulerStats / MemoryWorkloadAnalysis (the whole report in $OUT/ncu_<key>.txt); NCU_TUNE:
 #            the decoder's tune (e.g. down_xr=1+gate_up_xr=1)
+#   xr       the x-resident kernels (fd_matvec_xr, fd_gate_up_xr, fd_oproj_xr: tunes down_xr /
+#            gate_up_xr / o_proj_xr, default off) vs the defaults on the 0.5B and 7B shapes (XR_TUNES),
+#            then the 7B's per-kernel profile with all three on
 #   ctx      SmolLM2 / 7B shapes in a 4,096-token context: attention grids per graph (default) vs the
 #            full grid (att_min_splits 0)
 # MODELS / REPS / BENCH_ARGS override the benchmark's models, repetitions and extra options;
@@ -47,6 +50,12 @@ for what in "$@"; do
                  grep -E '^  fd_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|L2 Hit|Mem Busy' \
                      "$OUT/ncu_$key.txt" | head -120
              done ;;
+        xr) timeout "${XR_TIMEOUT:-300}" python3 benchmarks/gpu_decode.py --models qwen0.5b,qwen7b --reps "$REPS" --tune \
+                --tunes "${XR_TUNES:-down_xr=1,down_xr=1+xr_rb=1,down_xr=1+xr_rb=4,down_xr=1+xr_down_bps=4,gate_up_xr=1,gate_up_xr=1+xr_gate_up_rb=1,gate_up_xr=1+xr_gate_up_threads=128+xr_gate_up_grid=148,o_proj_xr=1,o_proj_xr=1+xr_o_proj_threads=128+xr_o_proj_bps=2,down_xr=1+gate_up_xr=1+o_proj_xr=1}" \
+                --json "$OUT/xr.json" 2>&1 | tee "$OUT/xr.log" | grep -E 'tune|^\| '
+            timeout 120 python3 benchmarks/gpu_decode.py --models qwen7b --reps "$REPS" --profile --tune --profile-tunes \
+                --tunes down_xr=1+gate_up_xr=1+o_proj_xr=1 --json "$OUT/xr7b.json" 2>&1 | tee "$OUT/xr7b.log" \
+                | grep -v -e '^{' -e '^kernel (regs' ;;
         ctx) timeout 150 python3 benchmarks/gpu_decode.py --models smollm2,qwen7b --reps "$REPS" --n-ctx 4096 --tune \
                  --tunes att_min_splits=0 --json "$OUT/ctx.json" 2>&1 | tee "$OUT/ctx.log" | grep -E 'tune|^\| ' ;;
         base) (cd .baseline && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_decode.py --profile --models "$MODELS" \

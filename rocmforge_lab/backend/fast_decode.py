@@ -100,6 +100,7 @@ STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
 GATE_UP_XR_DEFAULT = 0  # tune "gate_up_xr": the gate/up through fd_gate_up_xr_q4k (DecodePlan._gate_up_xr)
 XR_DEFAULTS = {"down": 0, "o_proj": 0}  # tunes "down_xr" / "o_proj_xr": the x-resident kernels (DecodePlan._xr_shape)
 XR_MAX_THREADS = 384    # FD_XR_T: most threads per fd_matvec_xr block (cols <= 64 x 384)
+GATE_UP_XR_MAX_THREADS = 256  # fd_gate_up_xr_q4k's launch bound (FD_LBT(256, 1))
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
                       # (FastDecoder._splits_for; H100, 4,096-token context: +1.7% / +0.8% tok/s
                       # SmolLM2 / 7B shapes, see benchmarks/RESULTS.md v8)
@@ -586,6 +587,8 @@ class DecodePlan:
         threads = int(self.tune.get("xr_gate_up_threads", 256))
         groups = max(1, min(32, threads // tpg))
         groups = 1 << (groups.bit_length() - 1)  # a power of two: 32 rows split evenly
+        while groups > 1 and groups * tpg > GATE_UP_XR_MAX_THREADS:
+            groups //= 2
         rb = int(self.tune.get("xr_gate_up_rb", 2))
         if rb not in (1, 2):
             raise ValueError(f"tune xr_gate_up_rb {rb} (1 or 2)")

@@ -483,6 +483,37 @@ def test_gate_up_register_cap_choice(tmp_path):
     assert gate_up(gate_up_threads=256)[0] == "fd_gate_up"  # 4 rounds of 8 pairs in 256 threads: no cap
 
 
+def test_xr_launch_shapes(tmp_path):
+    """The x-resident tunes on a one-layer cut of the Qwen2.5-7B shape (layer 0's down is Q6_K): off
+    by default; down: one group of ceil(296 units / warp) warps, 28 rows per block of the one-wave
+    grid; o-projection: 4 groups of 64 threads (56 units); gate/up: one wave of 132 blocks of 4
+    groups, at most 256 threads (its launch bound) whatever the tune asks."""
+    from rocmforge_lab import synth
+    from rocmforge_lab.backend.fast_decode import DecodePlan
+
+    shape = {"base": "qwen2.5-7b", "n_layer": 1, "vocab_size": 512}
+    path = synth.make_gguf(tmp_path / "q.gguf", arch="qwen2", shape=shape, qtype="q4_k_m", seed=3, random_bytes=True)
+    m, refs, _ = _weights_from_gguf(path)
+
+    def launches(ws=32, **tune):
+        plan = DecodePlan(m.config, refs, "f16", 64, n_sm=132, warp_size=ws, tune=tune)
+        return {l.kind: (l.kernel, l.grid, l.block, l.args[-1]) for l in plan.launches}
+
+    base = launches()
+    assert not any("_xr" in k for k, *_ in base.values()), base
+    assert launches(down_xr=1)["down"] == ("fd_matvec_xr_q6k", (128,), (320,), ("i32", 28))
+    assert launches(64, down_xr=1, xr_rb=4)["down"] == ("fd_matvec_xr_q6k_r4", (128,), (320,), ("i32", 28))
+    assert launches(o_proj_xr=1)["o_proj"] == ("fd_oproj_xr_q4k", (128,), (256,), ("i32", 28))
+    assert launches(o_proj_xr=1, xr_o_proj_bps=2)["o_proj"][1:] == ((-(-3584 // 14),), (256,), ("i32", 14))
+    gu = launches(gate_up_xr=1)["gate_up"]
+    assert gu[:3] == ("fd_gate_up_xr_q4k", (132,), (256,)), gu
+    assert launches(gate_up_xr=1, xr_gate_up_threads=1024, xr_gate_up_rb=1)["gate_up"][:3] == (
+        "fd_gate_up_xr_q4k_r1", (132,), (256,))
+    assert launches(gate_up_xr=1, xr_gate_up_grid=148)["gate_up"][1] == (148,)
+    with pytest.raises(ValueError, match="xr_rb"):
+        launches(down_xr=1, xr_rb=3)
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole decode step (DecodePlan) on the emulator vs the NumPy engine
 

@@ -231,6 +231,13 @@ def test_emu_xr_gate_up(d, ff, threads, grid, ws, kern):
 def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
     """fd_matvec_s_<q>: y (+)= W x for rows in runs of rpb per block, each row's blocks split over
     the block's warps, against float64 NumPy (tolerance as _check_emu_matvec's)."""
+    _check_emu_rows_matvec(f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}", 128, qtype, rows, cols, rpb, ws, seed,
+                           st_warp)
+
+
+def _check_emu_rows_matvec(kern, threads, qtype, rows, cols, rpb, ws, seed, st_warp=0):
+    """A matvec kernel with fd_matvec_s's arguments (rows in runs of rpb per block, `threads` per
+    block): y (+)= W x against float64 NumPy (tolerance as _check_emu_matvec's)."""
     rng = np.random.default_rng(seed)
     raw = R.random_tensor(qtype, rows, cols, rng)
     ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
@@ -239,13 +246,12 @@ def _check_emu_stream_matvec(qtype, rows, cols, rpb, ws, seed, st_warp=0, v=""):
     base = rng.standard_normal(rows).astype(np.float32)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(mod(ws), x)
-    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}"
     for acc in (0, 1):
         y = base.copy() if acc else np.full(rows, np.nan, np.float32)
-        mod(ws, st_warp).launch(kern, (-(-rows // rpb),), (128,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols, *X,
-                       y, acc, rpb)
+        mod(ws, st_warp).launch(kern, (-(-rows // rpb),), (threads,), arena, None, w_off, R.row_bytes(qtype, cols), rows,
+                                cols, *X, y, acc, rpb)
         err = np.abs(y - (ref @ x + (base if acc else 0.0)))
-        assert np.all(err <= tol), (qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
+        assert np.all(err <= tol), (kern, qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
 
 
 # 3 blocks per row: Q6_K rows start 2 bytes off a word boundary every other row, some warps have no
@@ -265,24 +271,11 @@ def test_emu_stream_matvec_st_warp(qtype, rows, cols, rpb, v):
 
 
 def _check_emu_xr_matvec(qtype, rows, cols, rpb, ws, seed, rb_suffix="", groups=1):
-    """fd_matvec_xr_<q>: y (+)= W x, one 64-value unit of x per thread held in registers, rows in runs
-    of rpb per block, against float64 NumPy (tolerance as _check_emu_matvec's)."""
-    rng = np.random.default_rng(seed)
-    raw = R.random_tensor(qtype, rows, cols, rng)
-    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
-    arena, (w_off,) = R.pack_arena(raw)
-    x = rng.standard_normal(cols).astype(np.float32)
-    base = rng.standard_normal(rows).astype(np.float32)
-    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    X = _quantize(mod(ws), x)
-    kern = f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rb_suffix}"
+    """fd_matvec_xr_<q>: y (+)= W x, one 64-value unit of x per thread held in registers, `groups`
+    groups of ceil(cols / 64 / ws) warps per block, rows in runs of rpb per block."""
     threads = -(-(cols // 64) // ws) * ws * groups
-    for acc in (0, 1):
-        y = base.copy() if acc else np.full(rows, np.nan, np.float32)
-        mod(ws).launch(kern, (-(-rows // rpb),), (threads,), arena, None, w_off, R.row_bytes(qtype, cols), rows, cols,
-                       *X, y, acc, rpb)
-        err = np.abs(y - (ref @ x + (base if acc else 0.0)))
-        assert np.all(err <= tol), (qtype, rows, cols, rpb, ws, acc, float(err.max()), float(tol.min()))
+    _check_emu_rows_matvec(f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rb_suffix}", threads, qtype, rows, cols,
+                           rpb, ws, seed)
 
 
 # 768 columns: 12 units, one warp with 20 idle lanes; 2,560: 40 units, two warps (Q6_K blocks 2 bytes

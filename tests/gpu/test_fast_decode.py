@@ -189,7 +189,9 @@ def test_fused_gate_up_stream_vs_numpy(backend):
             _check_gate_up(backend, rng, d, ff, "Q4_K", "Q4_K", "fd_gate_up_s_q4k" + v, 128)
 
 
-def _stream_matvec(qtype, rows, cols, rpb, seed, v=""):
+def _rows_matvec(kern, threads, qtype, rows, cols, rpb, seed):
+    """A matvec kernel with fd_matvec_s's arguments (rows in runs of rpb per block, `threads` per
+    block): y (+)= W x against float64 NumPy."""
     import cupy
 
     rng = np.random.default_rng(seed)
@@ -200,11 +202,10 @@ def _stream_matvec(qtype, rows, cols, rpb, seed, v=""):
     base = rng.standard_normal(rows).astype(np.float32)
     tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
     X = _quantize(x)
-    kern = f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}"
     for acc in (0, 1):
         y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
-        _fn(kern)((-(-rows // rpb),), (128,), (arena, None, _i64(w_off), _i64(R.row_bytes(qtype, cols)), _i32(rows),
-                                              _i32(cols), *X, y, _i32(acc), _i32(rpb)))
+        _fn(kern)((-(-rows // rpb),), (threads,), (arena, None, _i64(w_off), _i64(R.row_bytes(qtype, cols)), _i32(rows),
+                                                  _i32(cols), *X, y, _i32(acc), _i32(rpb)))
         err = np.abs(cupy.asnumpy(y) - (ref @ x + (base if acc else 0.0)))
         assert np.all(err <= tol), (kern, rows, cols, rpb, acc, float(err.max()))
 
@@ -217,7 +218,7 @@ def test_fused_matvec_stream_vs_numpy(backend, qtype, rows, cols, rpb, v):
     """fd_matvec_s_<q> (the down projection's stream kernel): rows in runs of rpb per block, each
     row's blocks split over the block's 4 warps (18944 columns: the 7B's down rows, several stages
     per warp); Q6_K rows of an odd number of blocks start 2 bytes off a word boundary."""
-    _stream_matvec(qtype, rows, cols, rpb, rows + cols + rpb, v)
+    _rows_matvec(f"fd_matvec_s_{qtype.replace('_', '').lower()}{v}", 128, qtype, rows, cols, rpb, rows + cols + rpb)
 
 
 @pytest.mark.parametrize("rbs", ["", "_r1", "_r4"])  # rows per step: 2 (default), 1, 4
@@ -227,24 +228,9 @@ def test_fused_matvec_xr_vs_numpy(backend, qtype, rows, cols, rpb, rbs):
     """fd_matvec_xr_<q> (the down projection's x-resident kernel): one 64-value unit of x per thread in
     registers, rows in runs of rpb per block (rounds of 32 rows; 18944 columns: the 7B's down rows,
     296 units in 10 warps; rpb 28: the 7B plan's rows per block)."""
-    import cupy
-
-    rng = np.random.default_rng(rows + cols + len(rbs))
-    raw = R.random_tensor(qtype, rows, cols, rng)
-    ref = R.dequant_ref(raw, qtype, rows, cols).astype(np.float64)
-    arena, (w_off,) = _arena(raw)
-    x = rng.standard_normal(cols).astype(np.float32)
-    base = rng.standard_normal(rows).astype(np.float32)
-    tol = 1e-5 * (np.abs(ref) @ np.abs(x) + np.abs(base)) + 2e-5 * np.abs(ref).sum(1) * np.abs(x).max()
-    X = _quantize(x)
-    kern = f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rbs}"
     threads = -(-(cols // 64) // backend.warp_size) * backend.warp_size
-    for acc in (0, 1):
-        y = cupy.asarray(base) if acc else cupy.full(rows, np.nan, np.float32)
-        _fn(kern)((-(-rows // rpb),), (threads,), (arena, None, _i64(w_off), _i64(R.row_bytes(qtype, cols)),
-                                                  _i32(rows), _i32(cols), *X, y, _i32(acc), _i32(rpb)))
-        err = np.abs(cupy.asnumpy(y) - (ref @ x + (base if acc else 0.0)))
-        assert np.all(err <= tol), (kern, rows, cols, rpb, acc, float(err.max()))
+    _rows_matvec(f"fd_matvec_xr_{qtype.replace('_', '').lower()}{rbs}", threads, qtype, rows, cols, rpb,
+                 rows + cols + len(rbs))
 
 
 @pytest.mark.parametrize("v", ["", "_v1"])

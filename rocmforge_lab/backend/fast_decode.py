@@ -34,10 +34,11 @@ shape) take the stream kernels instead where the device has asynchronous copies 
 asynchronous copies, the first stages issued before the programmatic-launch wait; the default build
 `build_options({})` lets each warp run ahead on its ring, FD_ST_WARP; the down stream kernel is
 opt-in: `STREAM_DEFAULTS`, `DecodePlan._stream_name`). The x-resident kernels (tunes "down_xr",
-"gate_up_xr": `DecodePlan._xr_launch`, `DecodePlan._gate_up_xr`) give each thread one 64-value unit
-of x in registers for the whole kernel and stream the rows past it: a Q4_K / Q6_K down projection
-(x read once per block instead of once per row pair and lane group) and an all-Q4_K gate/up in one
-wave of blocks (the normalized residual staged once per block instead of once per 32 rows).
+"o_proj_xr", "gate_up_xr", off by default: `XR_DEFAULTS`, `DecodePlan._xr_shape`,
+`DecodePlan._gate_up_xr`) give each thread one 64-value unit of x in registers for the whole kernel
+and stream the rows past it: Q4_K / Q6_K down and o-projections (x read once per thread instead of
+once per row pair and lane group) and an all-Q4_K gate/up in one wave of blocks (the normalized
+residual staged once per block instead of once per 32 rows).
 Every kernel reads the position, the input token and a "done" flag from a small device `state`
 buffer, and the output kernel writes the next token into it (and into `tokens[pos]`), so the
 sequence is captured once as a graph (`cupy.cuda.Stream.begin_capture` / `end_capture`) and replayed
@@ -97,8 +98,9 @@ STREAM_THREADS = 128  # FD_SW warps of 32 lanes (2 of 64)
 # down slower (stream 1: 239, stream 1 without down: 288). v11, with the per-warp ring (st_warp) and
 # the one-pass attention merge: output 309 -> 311-313 tok/s (on); down 264 (off).
 STREAM_DEFAULTS = {"gate_up": 1, "down": 0, "output": 1}
-GATE_UP_XR_DEFAULT = 0  # tune "gate_up_xr": the gate/up through fd_gate_up_xr_q4k (DecodePlan._gate_up_xr)
-XR_DEFAULTS = {"down": 0, "o_proj": 0}  # tunes "down_xr" / "o_proj_xr": the x-resident kernels (DecodePlan._xr_shape)
+# tunes "<kind>_xr": the x-resident kernels (DecodePlan._xr_shape, DecodePlan._gate_up_xr); off until
+# measured on a GPU (benchmarks/RESULTS.md v14)
+XR_DEFAULTS = {"down": 0, "o_proj": 0, "gate_up": 0}
 XR_MAX_THREADS = 384    # FD_XR_T: most threads per fd_matvec_xr block (cols <= 64 x 384)
 GATE_UP_XR_MAX_THREADS = 256  # fd_gate_up_xr_q4k's launch bound (FD_LBT(256, 1))
 ATT_MIN_SPLITS = 16   # smallest attention grid (64-key splits) of a graph, 0: always the context's
@@ -531,11 +533,11 @@ class DecodePlan:
         any_ = "" if w.qtype in FAST_TYPES else "_any"
         if oproj:  # x = the attention output, merged from the split partials by each block (late merge)
             cfg = self.cfg
-            xr = self._xr_shape(w, "o_proj") if (self.ls == "" and self.merge_v_suffix == "") else None
+            xr = self._xr_shape(w, "o_proj", "fd_oproj_xr") if (self.ls == "" and self.merge_v_suffix == "") else None
             if xr is not None:  # the x-resident kernel: rows in runs of rpb per block (its ks argument)
                 name, grid, block, rpb = xr
                 return Launch(
-                    name.replace("fd_matvec_xr", "fd_oproj_xr"), grid, block,
+                    name, grid, block,
                     (Buf("arena"), Buf("state"), _i32(QTYPE_ID[w.qtype]), _i64(w.offset), _i64(w.row_bytes),
                      _i32(w.rows), _i32(w.cols), Buf(f"{x}_h"), Buf(f"{x}_l"), Buf(f"{x}_s"), Buf(f"{x}_sum"),
                      Buf("resid"), Buf("part_acc"), Buf("part_ml"), _i32(cfg.n_head), _i32(cfg.head_dim),
@@ -570,67 +572,67 @@ class DecodePlan:
              _i32(bool(pair)), _i32(lpr), _i32(ks)),
             label, kind, w.nbytes)
 
+    def _xr_groups(self, cols: int, threads: int, max_threads: int) -> tuple[int, int]:
+        """(threads per group, groups) of an x-resident block: a group is ceil(cols / 64 / warp)
+        warps (one 64-value unit of x per thread), the groups a power of two (whole groups per round
+        of 32 rows) of at most `threads` / `max_threads` threads in all (at least one group)."""
+        tpg = -(-(cols // 64) // self.warp_size) * self.warp_size
+        groups = max(1, min(32, threads // tpg))
+        groups = 1 << (groups.bit_length() - 1)
+        while groups > 1 and groups * tpg > max_threads:
+            groups //= 2
+        return tpg, groups
+
     def _gate_up_xr(self, d: int, ff: int, wg: WeightRef, wu: WeightRef):
         """(kernel, grid, block) of the x-resident gate/up (fd_gate_up_xr_q4k: one wave of blocks
         looping over the 32-row blocks, every block staging the normalized x once, each thread one
         64-value unit of x in registers) where gate and up are Q4_K (rows 16-byte aligned), d_model %
-        256 == 0 and d_model <= STREAM_XS_MAX; tune "gate_up_xr" (default GATE_UP_XR_DEFAULT),
-        "xr_gate_up_bps" (blocks per multiprocessor, default 1; "xr_gate_up_grid": blocks), "xr_gate_up_threads" (default 256:
-        groups of ceil(d / 64 / warp) warps, a power-of-two number of groups), "xr_gate_up_rb" (row
-        pairs per step, 1 or 2; default 2). None where it does not apply."""
-        if not int(self.tune.get("gate_up_xr", GATE_UP_XR_DEFAULT)):
+        256 == 0 and d_model <= STREAM_XS_MAX; else None. Tunes: "gate_up_xr" (on / off; default
+        XR_DEFAULTS), "xr_gate_up_bps" (blocks per multiprocessor, default 1; "xr_gate_up_grid":
+        blocks), "xr_gate_up_threads" (default 256, at most GATE_UP_XR_MAX_THREADS), "xr_gate_up_rb"
+        (row pairs per step, 1 or 2; default 2)."""
+        if not int(self.tune.get("gate_up_xr", XR_DEFAULTS["gate_up"])):
             return None
         if (self._k_type("gate_up", (wg, wu)) != "Q4_K" or d % 256 or d > STREAM_XS_MAX
                 or any(w.offset % 16 or w.row_bytes % 16 for w in (wg, wu))):
             return None
-        tpg = -(-(d // 64) // self.warp_size) * self.warp_size
-        threads = int(self.tune.get("xr_gate_up_threads", 256))
-        groups = max(1, min(32, threads // tpg))
-        groups = 1 << (groups.bit_length() - 1)  # a power of two: 32 rows split evenly
-        while groups > 1 and groups * tpg > GATE_UP_XR_MAX_THREADS:
-            groups //= 2
+        tpg, groups = self._xr_groups(d, int(self.tune.get("xr_gate_up_threads", 256)), GATE_UP_XR_MAX_THREADS)
         rb = int(self.tune.get("xr_gate_up_rb", 2))
         if rb not in (1, 2):
             raise ValueError(f"tune xr_gate_up_rb {rb} (1 or 2)")
-        grid = min(ff // 32, int(self.tune.get("xr_gate_up_grid", 0)) or int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm)
-        return "fd_gate_up_xr_q4k" + ("" if rb == 2 else "_r1"), (grid,), (groups * tpg,)
+        grid = int(self.tune.get("xr_gate_up_grid", 0)) or int(self.tune.get("xr_gate_up_bps", 1)) * self.n_sm
+        return "fd_gate_up_xr_q4k" + ("" if rb == 2 else "_r1"), (min(ff // 32, grid),), (groups * tpg,)
 
-    def _xr_shape(self, w: WeightRef, kind: str):
-        """(kernel, grid, block, rows per block) of the x-resident matvec (fd_matvec_xr_q4k / _q6k;
-        the o-projection's fd_oproj_xr_<q>, two rows per step): each thread keeps one 64-value unit of
+    def _xr_shape(self, w: WeightRef, kind: str, base: str):
+        """(kernel, grid, block, rows per block) of the x-resident matvec `base`_<q> (fd_matvec_xr for
+        the down projection, fd_oproj_xr: two rows per step): each thread keeps one 64-value unit of
         x in registers and walks its group's rows, so x is read once per thread. Where the matrix is
         all Q4_K (rows 16-byte aligned) or all Q6_K, cols % 256 == 0 and a group of cols / 64 units
         fits a block (<= XR_MAX_THREADS threads); else None. Tunes per kind ("down" / "o_proj"):
-        "<kind>_xr" (on / off; default XR_DEFAULTS), "xr_<kind>_bps" (blocks per multiprocessor of the
-        one-wave grid, default 1: ~140-170 registers per thread), "xr_<kind>_threads" (threads per block: groups of ceil(cols / 64
-        / warp) warps, a power-of-two number of groups; default one group / 256), "xr_rb" (down only:
-        rows per step, 1, 2 or 4; default 2)."""
+        "<kind>_xr" (on / off; default XR_DEFAULTS), "xr_<kind>_bps" (blocks per multiprocessor of
+        the one-wave grid, default 1: ~140-170 registers per thread), "xr_<kind>_threads" (threads
+        per block; default one group / 256), "xr_rb" (down only: rows per step, 1, 2 or 4; default 2)."""
         if not int(self.tune.get(f"{kind}_xr", XR_DEFAULTS[kind])):
             return None
         t = self._k_type(kind, (w,))
         if not t or w.cols % 256 or (t == "Q4_K" and (w.offset % 16 or w.row_bytes % 16)):
             return None
-        tpg = -(-(w.cols // 64) // self.warp_size) * self.warp_size
+        tpg, groups = self._xr_groups(
+            w.cols, int(self.tune.get(f"xr_{kind}_threads", 0 if kind == "down" else 256)), XR_MAX_THREADS)
         if tpg > XR_MAX_THREADS:
             return None
-        threads = int(self.tune.get(f"xr_{kind}_threads", tpg if kind == "down" else 256))
-        groups = max(1, min(32, threads // tpg))
-        groups = 1 << (groups.bit_length() - 1)  # a power of two (<= 32: whole groups per round of rows)
-        while groups * tpg > XR_MAX_THREADS:
-            groups //= 2
-        bps = int(self.tune.get(f"xr_{kind}_bps", 1))
-        rows_per_block = -(-w.rows // (bps * self.n_sm))
+        rows_per_block = -(-w.rows // (int(self.tune.get(f"xr_{kind}_bps", 1)) * self.n_sm))
         rb = int(self.tune.get("xr_rb", 2)) if kind == "down" else 2
         if rb not in (1, 2, 4):
             raise ValueError(f"tune xr_rb {rb} (1, 2 or 4)")
-        name = f"fd_matvec_xr_{t.replace('_', '').lower()}" + ("" if rb == 2 else f"_r{rb}")
+        name = f"{base}_{t.replace('_', '').lower()}" + ("" if rb == 2 else f"_r{rb}")
         return name, (-(-w.rows // rows_per_block),), (groups * tpg,), rows_per_block
 
     def _xr_launch(self, w: WeightRef, x: str, label: str, kind: str) -> Launch | None:
         """The down projection through the x-resident kernel (`_xr_shape`), or None."""
         if kind != "down":
             return None
-        xr = self._xr_shape(w, kind)
+        xr = self._xr_shape(w, kind, "fd_matvec_xr")
         if xr is None:
             return None
         name, grid, block, rows_per_block = xr

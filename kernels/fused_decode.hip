@@ -59,8 +59,9 @@
 // with cp.async (CUDA sm_80+), so the bytes in flight are not bounded by registers. H100, 7B shape
 // (benchmarks/RESULTS.md v8): the gate/up kernel is faster (the decode plan's default where
 // asynchronous copies exist), the down kernel slower and the output kernel no faster in the graph.
-// The x-resident kernels (fd_matvec_xr_q4k / _q6k, fd_gate_up_xr_q4k; end of this file) keep one
-// 64-value unit of x per thread in registers for the whole kernel and stream every row past it.
+// The x-resident kernels (fd_matvec_xr_q4k / _q6k, fd_oproj_xr_q4k / _q6k, fd_gate_up_xr_q4k; end of
+// this file) keep one 64-value unit of x per thread in registers for the whole kernel and stream
+// every row past it.
 // References: tests/gpu/test_fast_decode.py (GPU) and tests/gpu/test_emu_fused.py (CPU emulator).
 #include "compat.h"
 #include "quant_blocks.h"
@@ -193,6 +194,14 @@ struct FdX {
     const float* s;
     const float* sum16;
 };
+RF_DEV FdX fd_x(const int* h, const int* l, const float* s, const float* sum16) {
+    FdX X;
+    X.h = h;
+    X.l = l;
+    X.s = s;
+    X.sum16 = sum16;
+    return X;
+}
 
 // Quantize value v of 32-block b (this lane holds value 32b + lane%32); every lane of the warp
 // calls (shuffles), only lanes with `store` write.
@@ -2030,11 +2039,7 @@ RF_DEV void fd_matvec_impl(const rf_u8* __restrict__ arena, const int* __restric
     fd_pdl_sync();
     if (!ES && state != nullptr) done = state[FD_ST_DONE];
     if (done) return;
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
+    const FdX X = fd_x(xh, xl, xs, xsum);
     fd_matvec_body<ANY, WT, NU>(arena, t, off, rb, rows, cols, X, bias_off, y, accumulate, pair, lpr, ks);
     if (tail_norm_off < 0) return;
     fd_fence();
@@ -2095,10 +2100,7 @@ RF_DEV void fd_oproj_impl(const rf_u8* __restrict__ arena, const int* __restrict
     if (nsv * n_head * hd <= merge_max) {  // block-uniform
         X = fd_stage_merge<MV>(part_acc, part_ml, nsv, n_head, hd, &xsh);
     } else {
-        X.h = xh;
-        X.l = xl;
-        X.s = xs;
-        X.sum16 = xsum;
+        X = fd_x(xh, xl, xs, xsum);
     }
     fd_matvec_body<ANY>(arena, t, off, rb, rows, cols, X, -1, y, 1, pair, lpr, ks);
 }
@@ -2481,11 +2483,7 @@ RF_DEV void fd_matvec_s_impl(const rf_u8* __restrict__ arena, const int* __restr
         fd_cp_wait<0>();
         return;
     }
-    FdX X;
-    X.h = xh;
-    X.l = xl;
-    X.s = xs;
-    X.sum16 = xsum;
+    const FdX X = fd_x(xh, xl, xs, xsum);
     for (; r0 < rbeg + rpb; r0 += FD_KP) {  // block-uniform
         if (r0 != rbeg) fd_st_start<D>(ring, n_items, nst, C, seg);
         fd_st_run<D>(ring, n_items, nst, C, seg, X, [&](int k, float va, float) {
@@ -2523,7 +2521,7 @@ RF_KERNEL void fd_matvec_s_q6k_v1(FD_MATVEC_S_ARGS) { fd_matvec_s_impl<W6K, 4, 1
 // sets `done` to skip the kernel.
 #define FD_XR_R 32  // rows per round of the block's partial dots
 #define FD_XR_W 32  // most warps per block
-#define FD_XR_T 384 // most threads per block (cols <= 64 FD_XR_T: DecodePlan._xr_launch)
+#define FD_XR_T 384 // most threads per block (cols <= 64 FD_XR_T: DecodePlan._xr_shape)
 template <class D, int RB, class GetX>
 RF_DEV void fd_xr_rows(const rf_u8* __restrict__ arena, rf_i64 off, rf_i64 rb, int rows, int cols, float* y,
                        int accumulate, int rpb, GetX get_x) {
@@ -2597,12 +2595,7 @@ RF_DEV void fd_matvec_xr_impl(const rf_u8* __restrict__ arena, const int* __rest
     const int done0 = state != nullptr ? fd_ld_state(state, FD_ST_DONE) : 0;
     fd_xr_rows<D, RB>(arena, off, rb, rows, cols, y, accumulate, rpb, [&](bool& done) {
         done = done0 != 0;
-        FdX X;
-        X.h = xh;
-        X.l = xl;
-        X.s = xs;
-        X.sum16 = xsum;
-        return X;
+        return fd_x(xh, xl, xs, xsum);
     });
 }
 #define FD_XR_KERNEL(name, D, RB) \
@@ -2631,10 +2624,7 @@ RF_DEV void fd_oproj_xr_impl(const rf_u8* __restrict__ arena, const int* __restr
         if (!done && nsv * n_head * hd <= merge_max) {  // block-uniform
             X = fd_stage_merge<2>(part_acc, part_ml, nsv, n_head, hd, &xsh);
         } else {
-            X.h = xh;
-            X.l = xl;
-            X.s = xs;
-            X.sum16 = xsum;
+            X = fd_x(xh, xl, xs, xsum);
         }
         return X;
     });
